@@ -1,0 +1,35 @@
+# normport: `make export` (main job) and `make test` need nothing installed beforehand.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Benchmarks pin threads; override with `make bench THREADS=2`.
+THREADS ?= 1
+
+.PHONY: install test bench lint format clean
+
+install: $(STAMP)
+
+# Re-runs only when the dependency set changes: a second `make install` does nothing.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m models.bench --threads $(THREADS) --out reports/bench/layers.json
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) reports model_repository .pytest_cache .ruff_cache

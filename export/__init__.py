@@ -1,0 +1,1 @@
+"""normport export: lowering normalization layers to standard ONNX ops (see issue 3)."""

@@ -1,0 +1,30 @@
+"""normport layers: hand-written normalization layers with torch.nn's exact semantics.
+
+Each layer is a drop-in twin of its torch.nn counterpart (same constructor, parameter and
+buffer names, state_dict keys, training and eval behaviour), written in torch primitives on
+one shared normalization primitive (:mod:`models._functional`) and one shared base for
+running statistics (:mod:`models._base`).
+"""
+
+from models.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, SequenceBatchNorm
+from models.convert import convert
+from models.groupnorm import GroupNorm
+from models.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from models.layernorm import LayerNorm, RMSNorm
+from models.switchable import SwitchableNorm1d, SwitchableNorm2d
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "RMSNorm",
+    "SequenceBatchNorm",
+    "SwitchableNorm1d",
+    "SwitchableNorm2d",
+    "convert",
+]

@@ -1,0 +1,220 @@
+"""The one normalization primitive every normport layer is built on.
+
+Every layer normalizes the same way; only the *view* of its input differs. The input is
+viewed as ``(A, C, B)`` and statistics are taken per ``C`` over the ``A`` and ``B`` axes:
+
+==================  =====================  =======================================
+layer               input                  view ``(A, C, B)``
+==================  =====================  =======================================
+BatchNorm           ``(N, C, *S)``         ``(N, C, prod(S))``
+SequenceBatchNorm   ``(N, L, C)``          ``(N * L, C, 1)``
+InstanceNorm        ``(N, C, *S)``         ``(1, N * C, prod(S))``
+GroupNorm           ``(N, C, *S)``, G      ``(1, N * G, (C / G) * prod(S))``
+LayerNorm, RMSNorm  ``(*R, *K)``           ``(1, prod(R), prod(K))``
+==================  =====================  =======================================
+
+.. math::
+
+    \\mu_c = \\frac{1}{n} \\sum_{a,b} x_{acb}, \\qquad
+    \\sigma^2_c = \\frac{1}{n} \\sum_{a,b} (x_{acb} - \\mu_c)^2 \\quad (\\text{biased}),
+    \\qquad n = A \\cdot B
+
+    y = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}} \\cdot \\gamma + \\beta
+
+RMSNorm skips the centring (:math:`\\mu = 0`).  The variance is computed in two passes
+(mean first, then the squared deviations), so ``1e4 + randn(...)`` keeps its precision and a
+constant input gives exactly zero variance.  float16 / bfloat16 inputs accumulate in float32;
+the output has the input's dtype.
+
+The forward pass works in place on one fresh buffer and the backward pass is the closed form
+
+.. math::
+
+    \\frac{\\partial L}{\\partial x} = \\frac{1}{\\sqrt{\\sigma^2 + \\epsilon}}
+    \\Big(g - \\overline{g} - \\hat{x}\\, \\overline{g \\hat{x}}\\Big), \\qquad g = \\gamma\\,
+    \\frac{\\partial L}{\\partial y}
+
+(bars are means over the statistics axes), which is what keeps the hand-written layers within
+reach of PyTorch's fused kernels.  Double backward (``create_graph=True``) differentiates
+:func:`reference_standardize` instead, so higher-order gradients stay exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "accumulate_dtype",
+    "affine_from_stats",
+    "reference_standardize",
+    "standardize",
+]
+
+View3 = tuple[int, int, int]
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are accumulated in: float32 for half types, else the input's."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _sum_squares(d: Tensor) -> Tensor:
+    """Per-channel sum of squares of an ``(A, C, B)`` tensor, shaped ``(1, C, 1)``.
+
+    ``linalg.vector_norm`` over the contiguous innermost axis is several times faster than
+    ``(d * d).sum(...)`` (no temporary) and than ``var`` (Welford, element by element).
+    """
+    if d.shape[2] == 1:
+        return torch.linalg.vector_norm(d, dim=0, keepdim=True).square_()
+    ss = torch.linalg.vector_norm(d, dim=2, keepdim=True).square_()
+    return ss.sum(0, keepdim=True) if ss.shape[0] > 1 else ss
+
+
+def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-channel ``sum(a * b)`` over axes 0 and 2 of two ``(A, C, B)`` tensors, ``(1, C, 1)``."""
+    if a.shape[2] == 1:
+        return (a * b).sum(0, keepdim=True)
+    return torch.linalg.vecdot(a, b, dim=2).sum(0).view(1, -1, 1)
+
+
+def _centred(x3: Tensor, mean: Tensor | None, acc: torch.dtype) -> Tensor:
+    """A fresh ``acc``-typed buffer holding ``x - mean`` (or a copy of ``x`` when not centring)."""
+    if mean is None:
+        return x3.to(acc, copy=True)
+    return torch.sub(x3, mean)
+
+
+class _Standardize(torch.autograd.Function):
+    """``y = (x - mean) * invstd * weight + bias`` with batch statistics, closed-form backward."""
+
+    @staticmethod
+    def forward(ctx, x, view, weight, bias, eps, center):
+        acc = accumulate_dtype(x.dtype)
+        x3 = x.reshape(view)
+        mean = x3.mean((0, 2), keepdim=True, dtype=acc) if center else None
+        y = _centred(x3, mean, acc)
+        var = _sum_squares(y).div_(view[0] * view[2])
+        invstd = torch.rsqrt(var + eps)
+        y.mul_(invstd)
+        y = y.view(x.shape)
+        if weight is not None:
+            y.mul_(weight)
+        if bias is not None:
+            y.add_(bias)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.view, ctx.eps, ctx.center = view, eps, center
+        stats = (var,) if mean is None else (mean, var)
+        ctx.mark_non_differentiable(*stats)
+        return y.to(x.dtype), mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        view, center = ctx.view, ctx.center
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the plain formula so that higher orders are exact.
+            inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+            y = reference_standardize(x, view, weight, bias, ctx.eps, center)[0]
+            grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+            out = [next(grads) if t is not None and t.requires_grad else None for t in (x, weight, bias)]
+            return out[0], None, out[1], out[2], None, None
+
+        acc = invstd.dtype
+        xhat = _centred(x.reshape(view), mean, acc).mul_(invstd).view(x.shape)
+        dy = dy.to(acc)
+        need_x, _, need_w, need_b, _, _ = ctx.needs_input_grad
+        grad_w = (dy * xhat).sum_to_size(weight.shape).to(weight.dtype) if need_w else None
+        grad_b = dy.sum_to_size(bias.shape).to(bias.dtype) if need_b else None
+        grad_x = None
+        if need_x:
+            g = (dy * weight if weight is not None else dy.clone()).view(view)
+            xhat3 = xhat.view(view)
+            g_xhat = _channel_dot(g, xhat3).div_(view[0] * view[2])
+            if center:
+                g.sub_(g.mean((0, 2), keepdim=True))
+            grad_x = g.addcmul_(xhat3, g_xhat, value=-1).mul_(invstd).view(x.shape).to(x.dtype)
+        return grad_x, None, grad_w, grad_b, None, None
+
+
+def standardize(
+    x: Tensor,
+    view: View3,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    center: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Normalize ``x`` with statistics over axes 0 and 2 of ``x.reshape(view)``.
+
+    Args:
+        x: the input, any shape with ``x.numel() == prod(view)``.
+        view: ``(A, C, B)``; statistics are per ``C``.
+        weight, bias: broadcastable to ``x.shape`` (already laid out by the caller), or None.
+        eps: added to the variance before the square root.
+        center: False for RMS normalization (no mean subtraction).
+
+    Returns:
+        ``(y, mean, var)``: ``y`` in ``x.dtype``; ``mean`` (None when not centring) and the
+        biased ``var``, both shaped ``(1, C, 1)`` in the accumulation dtype and detached.
+
+    Example::
+
+        >>> x = torch.tensor([[1.0, 3.0], [5.0, 7.0]])
+        >>> y, mean, var = standardize(x, (1, 2, 2), None, None, eps=0.0)
+        >>> y.tolist(), mean.flatten().tolist(), var.flatten().tolist()
+        ([[-1.0, 1.0], [-1.0, 1.0]], [2.0, 6.0], [1.0, 1.0])
+    """
+    return _Standardize.apply(x, view, weight, bias, eps, center)
+
+
+def reference_standardize(
+    x: Tensor,
+    view: View3,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    center: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The same computation as :func:`standardize` in plain differentiable ops (slow, exact)."""
+    acc = accumulate_dtype(x.dtype)
+    x3 = x.reshape(view).to(acc)
+    mean = x3.mean((0, 2), keepdim=True) if center else None
+    d = x3 - mean if center else x3
+    var = d.square().mean((0, 2), keepdim=True)
+    y = (d * torch.rsqrt(var + eps)).view(x.shape)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype), mean, var
+
+
+def affine_from_stats(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """Normalize with given (e.g. running) statistics: one fused multiply-add.
+
+    .. math::
+
+        y = x \\cdot s + t, \\qquad s = \\frac{\\gamma}{\\sqrt{\\sigma^2 + \\epsilon}},
+        \\qquad t = \\beta - \\mu\\, s
+
+    ``mean``, ``var``, ``weight`` and ``bias`` must already broadcast against ``x``; gradients
+    flow to ``x``, ``weight`` and ``bias`` (and to ``mean``/``var`` if they require them).
+    """
+    acc = accumulate_dtype(x.dtype)
+    scale = torch.rsqrt(var.to(acc) + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean.to(acc) * scale
+    if bias is not None:
+        shift = shift + bias
+    if x.dtype == acc:
+        return torch.addcmul(shift, x, scale)
+    return torch.addcmul(shift, x.to(acc), scale).to(x.dtype)

@@ -1,0 +1,83 @@
+"""Group normalization (Wu & He, 2018): statistics per sample over groups of channels.
+
+.. math::
+
+    y_{nc} = \\frac{x_{nc} - \\mathrm{E}[x_{ng}]}{\\sqrt{\\mathrm{Var}[x_{ng}] + \\epsilon}}
+    \\cdot \\gamma_c + \\beta_c, \\qquad g = \\lfloor c \\cdot G / C \\rfloor
+
+``E`` and ``Var`` (biased) run over the ``C / G`` channels of the group and all spatial
+positions.  The affine parameters are **per channel** (as torch.nn.GroupNorm and ONNX's
+GroupNormalization-21), not per group (the deprecated GroupNormalization-18).  No running
+statistics: training and eval compute the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models._base import check_eps, check_positive_int
+from models._functional import standardize
+from models._shapes import channel_shape, prod
+
+__all__ = ["GroupNorm"]
+
+
+class GroupNorm(nn.Module):
+    """Twin of ``torch.nn.GroupNorm(num_groups, num_channels, eps=1e-5, affine=True)``."""
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        check_positive_int("num_groups", num_groups)
+        check_positive_int("num_channels", num_channels)
+        if num_channels % num_groups != 0:
+            raise ValueError(
+                f"num_channels must be divisible by num_groups, got num_channels={num_channels} "
+                f"and num_groups={num_groups}"
+            )
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = check_eps(eps)
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
+            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = input
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+        if x.shape[1] != self.num_channels:
+            raise ValueError(
+                f"expected input's size at dim=1 to match num_channels ({self.num_channels}), "
+                f"but got: {x.shape[1]}."
+            )
+        per_channel = channel_shape(x, 1)
+        weight = None if self.weight is None else self.weight.view(per_channel)
+        bias = None if self.bias is None else self.bias.view(per_channel)
+        n, g = x.shape[0], self.num_groups
+        view = (1, n * g, (self.num_channels // g) * prod(x.shape[2:]))
+        return standardize(x, view, weight, bias, self.eps)[0]

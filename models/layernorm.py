@@ -1,0 +1,146 @@
+"""Layer normalization and RMS normalization: statistics over the trailing ``k`` axes.
+
+LayerNorm (Ba et al., 2016):
+
+.. math::
+
+    y = \\frac{x - \\mathrm{E}[x]}{\\sqrt{\\mathrm{Var}[x] + \\epsilon}} \\odot \\gamma + \\beta
+
+RMSNorm (Zhang & Sennrich, 2019), no centring:
+
+.. math::
+
+    y = \\frac{x}{\\sqrt{\\mathrm{E}[x^2] + \\epsilon}} \\odot \\gamma
+
+``E`` and ``Var`` (biased) run over the last ``len(normalized_shape)`` axes, separately for
+every leading index, so the output of one sample never depends on its batch-mates and training
+equals eval.  ``gamma`` and ``beta`` have shape ``normalized_shape``.  For RMSNorm,
+``eps=None`` means ``torch.finfo(x.dtype).eps`` as in torch.nn.RMSNorm.
+
+Example: ``LayerNorm(3)`` maps ``[1., 2., 3.]`` to ``[-1.2247, 0., 1.2247]`` (times gamma, plus
+beta).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models._base import check_eps
+from models._functional import standardize
+from models._shapes import prod
+
+__all__ = ["LayerNorm", "RMSNorm"]
+
+
+def _as_shape(normalized_shape: int | list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (normalized_shape,)
+    shape = tuple(normalized_shape)
+    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in shape):
+        raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
+    return shape
+
+
+class _TrailingNorm(nn.Module):
+    """Shared shape check and view for norms over the trailing ``normalized_shape`` axes."""
+
+    normalized_shape: tuple[int, ...]
+
+    def _view(self, x: Tensor) -> tuple[int, int, int]:
+        k = len(self.normalized_shape)
+        if x.dim() < k or tuple(x.shape[x.dim() - k :]) != self.normalized_shape:
+            expected = ", ".join(str(d) for d in self.normalized_shape)
+            raise ValueError(
+                f"Given normalized_shape={list(self.normalized_shape)}, expected input with "
+                f"shape [*, {expected}], but got input of size {list(x.shape)}"
+            )
+        inner = prod(self.normalized_shape)
+        return (1, x.numel() // inner if inner else 0, inner)
+
+
+class LayerNorm(_TrailingNorm):
+    """Twin of ``torch.nn.LayerNorm(normalized_shape, eps=1e-5, elementwise_affine=True, bias=True)``."""
+
+    def __init__(
+        self,
+        normalized_shape: int | list[int] | tuple[int, ...],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.normalized_shape = _as_shape(normalized_shape)
+        self.eps = check_eps(eps)
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(
+                **self.__dict__
+            )
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        return standardize(input, self._view(input), self.weight, self.bias, self.eps)[0]
+
+
+class RMSNorm(_TrailingNorm):
+    """Twin of ``torch.nn.RMSNorm(normalized_shape, eps=None, elementwise_affine=True)``."""
+
+    def __init__(
+        self,
+        normalized_shape: int | list[int] | tuple[int, ...],
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.normalized_shape = _as_shape(normalized_shape)
+        self.eps = None if eps is None else check_eps(eps)
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return (
+            "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(
+                **self.__dict__
+            )
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        eps = torch.finfo(input.dtype).eps if self.eps is None else self.eps
+        view = self._view(input)
+        return standardize(input, view, self.weight, None, eps, center=False)[0]

@@ -1,0 +1,1 @@
+"""normport runtime: onnxruntime sessions, serving and verification."""
