@@ -175,4 +175,3 @@ class NormBase(nn.Module):
 
     def _running(self, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         return self.running_mean.view(shape), self.running_var.view(shape)
-

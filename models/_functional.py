@@ -117,7 +117,10 @@ class _Standardize(torch.autograd.Function):
             inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
             y = reference_standardize(x, view, weight, bias, ctx.eps, center)[0]
             grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-            out = [next(grads) if t is not None and t.requires_grad else None for t in (x, weight, bias)]
+            out = [
+                next(grads) if t is not None and t.requires_grad else None
+                for t in (x, weight, bias)
+            ]
             return out[0], None, out[1], out[2], None, None
 
         acc = invstd.dtype
@@ -197,24 +200,37 @@ def affine_from_stats(
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
+    centred: bool = False,
 ) -> Tensor:
-    """Normalize with given (e.g. running) statistics: one fused multiply-add.
+    """Normalize with given statistics (running ones, or Switchable Norm's mixture).
 
     .. math::
 
         y = x \\cdot s + t, \\qquad s = \\frac{\\gamma}{\\sqrt{\\sigma^2 + \\epsilon}},
         \\qquad t = \\beta - \\mu\\, s
 
+    The folded form is one multiply and one in-place add, as PyTorch's eval BatchNorm.  When
+    ``mean`` varies per sample (``centred=True``) it is computed as
+    :math:`(x - \\mu)\\, s + \\beta` instead, which stays exact where ``x`` is constant
+    (:math:`x s` and :math:`\\mu s` would cancel catastrophically).
+
     ``mean``, ``var``, ``weight`` and ``bias`` must already broadcast against ``x``; gradients
-    flow to ``x``, ``weight`` and ``bias`` (and to ``mean``/``var`` if they require them).
+    flow to every tensor that requires them.
     """
     acc = accumulate_dtype(x.dtype)
+    xa = x if x.dtype == acc else x.to(acc)
     scale = torch.rsqrt(var.to(acc) + eps)
     if weight is not None:
         scale = scale * weight
-    shift = -mean.to(acc) * scale
-    if bias is not None:
-        shift = shift + bias
-    if x.dtype == acc:
-        return torch.addcmul(shift, x, scale)
-    return torch.addcmul(shift, x.to(acc), scale).to(x.dtype)
+    if centred:
+        y = (xa - mean) * scale
+        shift = bias
+    else:
+        # A broadcast addcmul is 2x slower than mul + in-place add on CPU.
+        y = xa * scale
+        shift = -mean.to(acc) * scale
+        if bias is not None:
+            shift = shift + bias
+    if shift is not None:
+        y.add_(shift)
+    return y if y.dtype == x.dtype else y.to(x.dtype)

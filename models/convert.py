@@ -80,9 +80,7 @@ _ARGS = (
 
 
 def _twin_of(module: nn.Module, to: str) -> type[nn.Module] | None:
-    table, family = (
-        (_TO_TORCH, _NORMPORT_NORMS) if to == "torch" else (_TO_NORMPORT, _TORCH_NORMS)
-    )
+    table, family = (_TO_TORCH, _NORMPORT_NORMS) if to == "torch" else (_TO_NORMPORT, _TORCH_NORMS)
     twin = table.get(type(module))
     if twin is None and isinstance(module, family):
         return None

@@ -63,7 +63,10 @@ class _TrailingNorm(nn.Module):
 
 
 class LayerNorm(_TrailingNorm):
-    """Twin of ``torch.nn.LayerNorm(normalized_shape, eps=1e-5, elementwise_affine=True, bias=True)``."""
+    """Twin of ``torch.nn.LayerNorm``.
+
+    Arguments as torch.nn: ``(normalized_shape, eps=1e-5, elementwise_affine=True, bias=True)``.
+    """
 
     def __init__(
         self,
@@ -97,10 +100,8 @@ class LayerNorm(_TrailingNorm):
                 nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return (
-            "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(
-                **self.__dict__
-            )
+        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(
+            **self.__dict__
         )
 
     def forward(self, input: Tensor) -> Tensor:
@@ -134,10 +135,8 @@ class RMSNorm(_TrailingNorm):
             nn.init.ones_(self.weight)
 
     def extra_repr(self) -> str:
-        return (
-            "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(
-                **self.__dict__
-            )
+        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(
+            **self.__dict__
         )
 
     def forward(self, input: Tensor) -> Tensor:

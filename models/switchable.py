@@ -28,7 +28,8 @@ ordered instance, layer, batch):
 .. math::
 
     y = \\gamma \\frac{x - \\sum_k w_k \\mu^k}{\\sqrt{\\sum_k w'_k \\sigma^{2,k} + \\epsilon}}
-        + \\beta, \\qquad w = \\mathrm{softmax}(\\lambda_\\mu),\\; w' = \\mathrm{softmax}(\\lambda_\\sigma)
+        + \\beta, \\qquad
+    w = \\mathrm{softmax}(\\lambda_\\mu), \\quad w' = \\mathrm{softmax}(\\lambda_\\sigma)
 
 The batch branch keeps running estimates through the shared :class:`models._base.NormBase`
 (momentum or cumulative average, unbiased ``running_var``); in eval they replace
@@ -97,7 +98,9 @@ class _SwitchableNorm(NormBase):
             )
             factor = self._update_factor()
             if factor is not None:
-                self._update_running(mean_bn.detach().flatten(), var_bn.detach().flatten(), count, factor)
+                self._update_running(
+                    mean_bn.detach().flatten(), var_bn.detach().flatten(), count, factor
+                )
         else:
             mean_bn, var_bn = (s.to(acc) for s in self._running((1, c, 1)))
         wm = torch.softmax(self.mean_weight.to(acc), 0)
@@ -108,7 +111,9 @@ class _SwitchableNorm(NormBase):
         per_channel = channel_shape(x, 1)
         weight = None if self.weight is None else self.weight.view(per_channel)
         bias = None if self.bias is None else self.bias.view(per_channel)
-        return affine_from_stats(x, mean.view(shape), var.view(shape), weight, bias, self.eps)
+        return affine_from_stats(
+            x, mean.view(shape), var.view(shape), weight, bias, self.eps, centred=True
+        )
 
 
 class SwitchableNorm1d(_SwitchableNorm):
