@@ -41,6 +41,8 @@ reach of PyTorch's fused kernels.  Double backward (``create_graph=True``) diffe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -59,23 +61,60 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _sum02(t: Tensor) -> Tensor:
+    """Per-channel sum of an ``(A, C, B)`` tensor over axes 0 and 2, shaped ``(1, C, 1)``.
+
+    Reduces the contiguous innermost axis first.  Sums across rows (over ``A``) go through a
+    matrix-vector product: several times faster on CPU than ``sum(0)`` on a tall matrix.
+    """
+    a, c, b = t.shape
+    if a == 1 and b == 1:
+        return t.clone()  # always a fresh tensor: callers divide it in place
+    s = t.sum(2) if b > 1 else t.view(a, c)
+    if a == 1:
+        return s.view(1, c, 1)
+    if s.is_floating_point() and s.device.type == "cpu":
+        return torch.mv(s.t(), s.new_ones(a)).view(1, c, 1)
+    return s.sum(0).view(1, c, 1)
+
+
 def _sum_squares(d: Tensor) -> Tensor:
     """Per-channel sum of squares of an ``(A, C, B)`` tensor, shaped ``(1, C, 1)``.
 
     ``linalg.vector_norm`` over the contiguous innermost axis is several times faster than
-    ``(d * d).sum(...)`` (no temporary) and than ``var`` (Welford, element by element).
+    ``(d * d).sum(...)`` (no temporary) and than ``var`` (Welford, element by element); across
+    rows (``B == 1``) it is slow, and the squared temporary wins.
     """
     if d.shape[2] == 1:
-        return torch.linalg.vector_norm(d, dim=0, keepdim=True).square_()
-    ss = torch.linalg.vector_norm(d, dim=2, keepdim=True).square_()
-    return ss.sum(0, keepdim=True) if ss.shape[0] > 1 else ss
+        return _sum02(d * d)
+    return _sum02(torch.linalg.vector_norm(d, dim=2, keepdim=True).square_())
 
 
-def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-channel ``sum(a * b)`` over axes 0 and 2 of two ``(A, C, B)`` tensors, ``(1, C, 1)``."""
-    if a.shape[2] == 1:
-        return (a * b).sum(0, keepdim=True)
-    return torch.linalg.vecdot(a, b, dim=2).sum(0).view(1, -1, 1)
+def _param_view(x_shape: torch.Size, p_shape: torch.Size) -> tuple[int, int, int]:
+    """``(A, M, T)``: ``x`` viewed so that a parameter broadcast against it varies along M only.
+
+    Parameters are laid out as ``(C, 1, ..., 1)`` (per channel) or ``normalized_shape``
+    (trailing), so their non-singleton axes are contiguous in ``x``: ``(N, C, H, W)`` with a
+    ``(C, 1, 1)`` weight gives ``(N, C, H * W)``; ``(N, L, D)`` with a ``(D,)`` weight gives
+    ``(N * L, D, 1)``.
+    """
+    k = len(p_shape)
+    ones = 0
+    while ones < k and p_shape[k - 1 - ones] == 1:
+        ones += 1
+    lead, split = len(x_shape) - k, len(x_shape) - ones
+    return (
+        math.prod(x_shape[:lead]),
+        math.prod(x_shape[lead:split]),
+        math.prod(x_shape[split:]),
+    )
+
+
+def _per_stat_channel(view: View3, x_shape: torch.Size, p_shape: torch.Size) -> bool:
+    """Whether a parameter is constant within each statistics channel (BatchNorm,
+    InstanceNorm: per channel), so that ``invstd`` and ``weight`` fold into one scale."""
+    a, m, t = _param_view(x_shape, p_shape)
+    return t == view[2] and view[1] % m == 0 and a * m == view[0] * view[1]
 
 
 def _centred(x3: Tensor, mean: Tensor | None, acc: torch.dtype) -> Tensor:
@@ -92,13 +131,19 @@ class _Standardize(torch.autograd.Function):
     def forward(ctx, x, view, weight, bias, eps, center):
         acc = accumulate_dtype(x.dtype)
         x3 = x.reshape(view)
-        mean = x3.mean((0, 2), keepdim=True, dtype=acc) if center else None
+        n = view[0] * view[2]
+        mean = _sum02(x3.to(acc) if x3.dtype != acc else x3).div_(n) if center else None
         y = _centred(x3, mean, acc)
-        var = _sum_squares(y).div_(view[0] * view[2])
+        var = _sum_squares(y).div_(n)
         invstd = torch.rsqrt(var + eps)
-        y.mul_(invstd)
+        folded = weight is not None and _per_stat_channel(view, x.shape, weight.shape)
+        if folded:  # one pass with scale = invstd * weight instead of two
+            a, m, t = _param_view(x.shape, weight.shape)
+            y.view(a, m, t).mul_(invstd.view(-1, m, 1) * weight.reshape(1, m, 1))
+        else:
+            y.mul_(invstd)
         y = y.view(x.shape)
-        if weight is not None:
+        if weight is not None and not folded:
             y.mul_(weight)
         if bias is not None:
             y.add_(bias)
@@ -117,27 +162,42 @@ class _Standardize(torch.autograd.Function):
             inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
             y = reference_standardize(x, view, weight, bias, ctx.eps, center)[0]
             grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-            out = [
+            gx, gw, gb = (
                 next(grads) if t is not None and t.requires_grad else None
                 for t in (x, weight, bias)
-            ]
-            return out[0], None, out[1], out[2], None, None
+            )
+            return gx, None, gw, gb, None, None
 
         acc = invstd.dtype
-        xhat = _centred(x.reshape(view), mean, acc).mul_(invstd).view(x.shape)
-        dy = dy.to(acc)
         need_x, _, need_w, need_b, _, _ = ctx.needs_input_grad
-        grad_w = (dy * xhat).sum_to_size(weight.shape).to(weight.dtype) if need_w else None
-        grad_b = dy.sum_to_size(bias.shape).to(bias.dtype) if need_b else None
-        grad_x = None
-        if need_x:
-            g = (dy * weight if weight is not None else dy.clone()).view(view)
-            xhat3 = xhat.view(view)
-            g_xhat = _channel_dot(g, xhat3).div_(view[0] * view[2])
-            if center:
-                g.sub_(g.mean((0, 2), keepdim=True))
-            grad_x = g.addcmul_(xhat3, g_xhat, value=-1).mul_(invstd).view(x.shape).to(x.dtype)
-        return grad_x, None, grad_w, grad_b, None, None
+        dy = dy.to(acc).contiguous()
+        # Two full-size buffers in all: on CPU, page-faulting fresh memory costs more than the
+        # arithmetic.  `out` holds xhat and then the input gradient; `tmp` holds dy * xhat,
+        # then g * xhat, then g = dy * weight.
+        out = _centred(x.reshape(view), mean, acc).mul_(invstd)
+        out_x = out.view(x.shape)
+        grad_b = _sum_like(dy, bias).to(bias.dtype) if need_b else None
+        tmp = torch.mul(dy, out_x)
+        grad_w = _sum_like(tmp, weight).to(weight.dtype) if need_w else None
+        if not need_x:
+            return None, None, grad_w, grad_b, None, None
+        n = view[0] * view[2]
+        if weight is not None:
+            tmp.mul_(weight)
+        g_xhat = _sum02(tmp.view(view)).div_(n)
+        g = dy if weight is None else torch.mul(dy, weight, out=tmp)
+        out.mul_(g_xhat.neg_())
+        out_x.add_(g)
+        if center:
+            out.sub_(_sum02(g.view(view)).div_(n))
+        out.mul_(invstd)
+        return out_x.to(x.dtype), None, grad_w, grad_b, None, None
+
+
+def _sum_like(t: Tensor, param: Tensor) -> Tensor:
+    """Sum ``t`` down to the shape of a parameter that was broadcast against it."""
+    a, m, b = _param_view(t.shape, param.shape)
+    return _sum02(t.reshape(a, m, b)).view(param.shape)
 
 
 def standardize(
