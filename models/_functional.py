@@ -171,27 +171,63 @@ class _Standardize(torch.autograd.Function):
         acc = invstd.dtype
         need_x, _, need_w, need_b, _, _ = ctx.needs_input_grad
         dy = dy.to(acc).contiguous()
-        # Two full-size buffers in all: on CPU, page-faulting fresh memory costs more than the
-        # arithmetic.  `out` holds xhat and then the input gradient; `tmp` holds dy * xhat,
-        # then g * xhat, then g = dy * weight.
-        out = _centred(x.reshape(view), mean, acc).mul_(invstd)
-        out_x = out.view(x.shape)
+        x3, n = x.reshape(view), view[0] * view[2]
         grad_b = _sum_like(dy, bias).to(bias.dtype) if need_b else None
-        tmp = torch.mul(dy, out_x)
-        grad_w = _sum_like(tmp, weight).to(weight.dtype) if need_w else None
+        if not (need_x or need_w):
+            return None, None, None, grad_b, None, None
+        # One full-size buffer: on CPU, page-faulting fresh memory costs more than arithmetic.
+        # `out` holds dy * xhat (for the weight gradient and the row sums), then the input
+        # gradient; xhat is recomputed from x rather than stored.
+        out = _centred(x3, mean, acc).mul_(invstd)
+        out_x = out.view(x.shape).mul_(dy)
+        grad_w = _sum_like(out_x, weight).to(weight.dtype) if need_w else None
         if not need_x:
             return None, None, grad_w, grad_b, None, None
-        n = view[0] * view[2]
-        if weight is not None:
-            tmp.mul_(weight)
-        g_xhat = _sum02(tmp.view(view)).div_(n)
-        g = dy if weight is None else torch.mul(dy, weight, out=tmp)
-        out.mul_(g_xhat.neg_())
-        out_x.add_(g)
+        per_channel = weight is not None and _per_stat_channel(view, x.shape, weight.shape)
+        if weight is not None and not per_channel:
+            out_x.mul_(weight)
+        g_xhat = _sum02(out)  # sum of g * xhat per statistics channel, g = dy * weight
+        if per_channel:
+            g_xhat = g_xhat * _stat_layout(weight, view, x.shape)
+        # grad_x = invstd * (g - mean(g) - xhat * mean(g * xhat))
+        scale = invstd * g_xhat.div_(-n)
+        if mean is None:
+            torch.mul(x3, scale, out=out)
+        else:
+            torch.sub(x3, mean, out=out).mul_(scale)
+        if weight is None:
+            out_x.add_(dy)
+        else:
+            out_x.addcmul_(dy, weight)
         if center:
-            out.sub_(_sum02(g.view(view)).div_(n))
+            out.sub_(_weighted_sum02(dy, weight, view, per_channel).div_(n))
         out.mul_(invstd)
         return out_x.to(x.dtype), None, grad_w, grad_b, None, None
+
+
+def _stat_layout(param: Tensor, view: View3, x_shape: torch.Size) -> Tensor:
+    """A per-statistics-channel parameter laid out as ``(1, C, 1)`` like the statistics."""
+    m = _param_view(x_shape, param.shape)[1]
+    return param.reshape(1, m).expand(view[1] // m, m).reshape(1, view[1], 1)
+
+
+def _weighted_sum02(dy: Tensor, weight: Tensor | None, view: View3, per_channel: bool) -> Tensor:
+    """``sum(dy * weight)`` per statistics channel, shaped ``(1, C, 1)``, without a temporary
+    the size of ``dy`` for the layouts normport's layers use."""
+    a, c, b = view
+    if weight is None:
+        return _sum02(dy.view(view))
+    if per_channel:
+        return _sum02(dy.view(view)) * _stat_layout(weight, view, dy.shape)
+    ap, m, t = _param_view(dy.shape, weight.shape)
+    if t == 1 and m == b:  # LayerNorm, RMSNorm: weight varies along the statistics axis
+        return (
+            torch.mv(dy.view(ap, m), weight.reshape(m).to(dy.dtype)).view(a, c).sum(0).view(1, c, 1)
+        )
+    if t > 1 and b % t == 0:  # GroupNorm: weight per channel, statistics per group
+        per_param = dy.view(ap, m, t).sum(2).mul_(weight.reshape(1, m))
+        return _sum02(per_param.view(a, c, b // t))
+    return _sum02((dy * weight).view(view))
 
 
 def _sum_like(t: Tensor, param: Tensor) -> Tensor:
