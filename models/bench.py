@@ -12,17 +12,20 @@ normport and its twin get the same random, non-trivial state (one state_dict loa
 BatchNorm running statistics included) and the same input.  Their outputs and gradients are
 compared first (``max_abs_diff``; a row whose diff is not below :data:`MAX_ABS_DIFF` is marked
 ``valid: false`` and still timed).  The timings are interleaved: every repeat round times both
-modules, alternating which goes first, so machine noise hits both alike; after a warmup the
-median over the rounds is reported.  ``ratio = normport_ms / twin_ms`` and ``ok`` means a valid
-row with ``ratio <= RATIO_TARGET``.
+modules, alternating which goes first, so machine noise hits both alike.  The warmup sizes the
+schedule to a time budget per row: each sample averages ``inner`` consecutive steps, and the
+median over ``repeats`` rounds is reported (with the interquartile range).
+``ratio = normport_ms / twin_ms`` and ``ok`` means a valid row with ``ratio <= RATIO_TARGET``.
 
 SwitchableNorm2d has no torch.nn twin; it is compared with :class:`ReferenceSwitchableNorm2d`,
 the composite a user would write without normport (the structure of the authors' reference
 implementation, in plain torch ops).
 
 With CUDA available the same comparison also runs on the GPU, eager and under
-``torch.compile`` (timed with CUDA events), and the eval forward of LayerNorm and BatchNorm2d
-is related to a device-to-device copy of the same tensor (fraction of copy bandwidth).
+``torch.compile`` (CUDA events around ``inner`` steps, gradient resets included), and the eval
+forward of LayerNorm and BatchNorm2d is related to a device-to-device copy of the same tensor
+(fraction of copy bandwidth).  A comparison that fails under ``torch.compile`` becomes a row
+with an ``error`` instead of aborting the run.
 Without CUDA the JSON records ``"cuda": null`` and ``"cuda_skipped"`` says why.
 """
 
