@@ -1,0 +1,248 @@
+"""Placeholders: how a normport layer crosses torch.export and the ONNX exporter intact.
+
+During export every normport layer's ``forward`` is replaced by one call to a torch custom op
+(``normport::norm_eval`` or, for a training step that updates running statistics,
+``normport::norm_train``).  torch.export keeps the call as a leaf, and the ONNX exporter turns
+it into one node of the private domain ``normport.placeholder`` carrying the layer's tensors
+and a JSON ``spec`` (kind, module path, eps, momentum, ...).  :mod:`export._lower` then
+replaces each placeholder with the standard op or function for the requested opset.  No
+placeholder survives into a saved model.
+
+Inputs of both ops, in order: ``x, weight, bias, running_mean, running_var,
+num_batches_tracked, mean_weight, var_weight`` (absent ones are None / empty).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import types
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import onnx
+import torch
+from onnx.defs import OpSchema
+from onnxscript.values import Opset
+from torch import Tensor, nn
+
+import models
+from models.batchnorm import _BatchNorm
+from models.instancenorm import _InstanceNorm
+from models.switchable import _SwitchableNorm
+
+__all__ = ["DOMAIN", "LayerSpec", "TENSOR_NAMES", "kind_of", "placeholders"]
+
+DOMAIN = "normport.placeholder"
+TENSOR_NAMES = (
+    "x",
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+    "mean_weight",
+    "var_weight",
+)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a lowering needs to know about one layer, beyond its tensors."""
+
+    kind: str  # batchnorm | sequence_batchnorm | instancenorm | groupnorm | layernorm | ...
+    path: str  # module path in the exported model ("" for the root)
+    cls: str  # normport class name
+    rank: int  # input rank
+    channels: int  # C (the normalized_shape's size for layernorm / rmsnorm)
+    eps: float | None
+    momentum: float | None = None
+    batch_stats: bool = True  # normalize with batch statistics (training, or untracked)
+    update_stats: bool = False  # a training step that updates running statistics
+    num_groups: int = 0
+    normalized_ndim: int = 0
+    normalized_shape: tuple[int, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> LayerSpec:
+        fields = json.loads(text)
+        fields["normalized_shape"] = tuple(fields["normalized_shape"])
+        return LayerSpec(**fields)
+
+
+_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
+    (models.SequenceBatchNorm, "sequence_batchnorm"),
+    (_BatchNorm, "batchnorm"),
+    (_InstanceNorm, "instancenorm"),
+    (models.GroupNorm, "groupnorm"),
+    (models.LayerNorm, "layernorm"),
+    (models.RMSNorm, "rmsnorm"),
+    (_SwitchableNorm, "switchable"),
+)
+
+
+def kind_of(module: nn.Module) -> str | None:
+    """The lowering kind of a normport layer, None for any other module."""
+    for cls, kind in _KINDS:
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+def _spec(module: nn.Module, kind: str, path: str, x: Tensor) -> LayerSpec:
+    common = {"kind": kind, "path": path, "cls": type(module).__name__, "rank": x.dim()}
+    if kind in ("layernorm", "rmsnorm"):
+        shape = module.normalized_shape
+        # RMSNorm's eps=None means finfo(input dtype).eps: resolved here, where the dtype is known.
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        return LayerSpec(
+            **common,
+            channels=int(torch.Size(shape).numel()),
+            eps=eps,
+            normalized_ndim=len(shape),
+            normalized_shape=tuple(shape),
+        )
+    if kind == "groupnorm":
+        return LayerSpec(
+            **common, channels=module.num_channels, eps=module.eps, num_groups=module.num_groups
+        )
+    batch_stats = module.training or module.running_mean is None
+    return LayerSpec(
+        **common,
+        channels=module.num_features,
+        eps=module.eps,
+        momentum=module.momentum,
+        batch_stats=batch_stats,
+        update_stats=module.training and module.track_running_stats,
+    )
+
+
+def _tensors(module: nn.Module, x: Tensor) -> list[Tensor | None]:
+    return [x] + [getattr(module, name, None) for name in TENSOR_NAMES[1:]]
+
+
+# -- torch side: custom ops ------------------------------------------------------------------
+
+
+def _not_eager(*_args, **_kwargs):
+    raise RuntimeError(
+        "normport placeholder ops only exist while a model is traced for export; "
+        "call the layer itself to run it"
+    )
+
+
+OptT = Tensor | None
+
+
+@torch.library.custom_op("normport::norm_eval", mutates_args=())
+def _norm_eval(
+    x: Tensor, w: OptT, b: OptT, rm: OptT, rv: OptT, nbt: OptT, mw: OptT, vw: OptT, spec: str
+) -> Tensor:
+    return _not_eager()
+
+
+@_norm_eval.register_fake
+def _norm_eval_fake(x, w, b, rm, rv, nbt, mw, vw, spec):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("normport::norm_train", mutates_args=())
+def _norm_train(
+    x: Tensor, w: OptT, b: OptT, rm: Tensor, rv: Tensor, nbt: Tensor, mw: OptT, vw: OptT, spec: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _not_eager()
+
+
+@_norm_train.register_fake
+def _norm_train_fake(x, w, b, rm, rv, nbt, mw, vw, spec):
+    return torch.empty_like(x), torch.empty_like(rm), torch.empty_like(rv), torch.empty_like(nbt)
+
+
+def _placeholder_forward(self: nn.Module, input: Tensor) -> Tensor:
+    spec = _spec(self, self._normport_kind, self._normport_path, input)
+    tensors = _tensors(self, input)
+    if spec.update_stats:
+        return torch.ops.normport.norm_train(*tensors, spec.to_json())[0]
+    return torch.ops.normport.norm_eval(*tensors, spec.to_json())
+
+
+@contextlib.contextmanager
+def placeholders(model: nn.Module) -> Iterator[dict[str, nn.Module]]:
+    """Within the block, every normport layer of ``model`` forwards through a placeholder op.
+
+    Yields the layers by module path.  The model itself is left as it was on exit.
+    """
+    layers = {}
+    for path, module in model.named_modules():
+        kind = kind_of(module)
+        if kind is None:
+            continue
+        module._normport_kind, module._normport_path = kind, path
+        module.forward = types.MethodType(_placeholder_forward, module)
+        layers[path] = module
+    try:
+        yield layers
+    finally:
+        for module in layers.values():
+            del module.forward, module._normport_kind, module._normport_path
+
+
+# -- ONNX side: placeholder schemas and the exporter's translation table ---------------------
+
+
+def _register_schemas() -> None:
+    types_ = ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"]
+    opt = OpSchema.FormalParameterOption.Optional
+    inputs = [OpSchema.FormalParameter("X", "T")] + [
+        OpSchema.FormalParameter(
+            name, "T" if name != "num_batches_tracked" else "I", param_option=opt
+        )
+        for name in TENSOR_NAMES[1:]
+    ]
+    constraints = [("T", types_, ""), ("I", ["tensor(int64)"], "")]
+    attrs = [OpSchema.Attribute("spec", OpSchema.AttrType.STRING, "LayerSpec as JSON")]
+    for name, outputs in (
+        ("NormEval", [OpSchema.FormalParameter("Y", "T")]),
+        (
+            "NormTrain",
+            [
+                OpSchema.FormalParameter("Y", "T"),
+                OpSchema.FormalParameter("running_mean", "T"),
+                OpSchema.FormalParameter("running_var", "T"),
+                OpSchema.FormalParameter("num_batches_tracked", "I"),
+            ],
+        ),
+    ):
+        if not onnx.defs.has(name, DOMAIN):
+            onnx.defs.register_schema(
+                OpSchema(
+                    name,
+                    DOMAIN,
+                    1,
+                    inputs=inputs,
+                    outputs=outputs,
+                    type_constraints=constraints,
+                    attributes=attrs,
+                )
+            )
+
+
+_register_schemas()
+_opset = Opset(DOMAIN, 1)
+
+
+def _translate_eval(x, w, b, rm, rv, nbt, mw, vw, spec: str):
+    return _opset.NormEval(x, w, b, rm, rv, nbt, mw, vw, spec=spec)
+
+
+def _translate_train(x, w, b, rm, rv, nbt, mw, vw, spec: str):
+    return _opset.NormTrain(x, w, b, rm, rv, nbt, mw, vw, spec=spec)
+
+
+TRANSLATION_TABLE = {
+    torch.ops.normport.norm_eval.default: _translate_eval,
+    torch.ops.normport.norm_train.default: _translate_train,
+}

@@ -1,0 +1,58 @@
+"""The registry of lowerings: one entry per layer kind, each stating what it emits per opset.
+
+Adding a layer touches one place: a module here that calls :func:`register`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from export._emit import Emitter, Inputs
+from export._placeholder import LayerSpec
+
+__all__ = ["REGISTRY", "Lowering", "lowering_for", "register"]
+
+LowerFn = Callable[[Emitter, LayerSpec, Inputs, list[str]], None]
+
+
+@dataclass(frozen=True)
+class Lowering:
+    kind: str
+    lower: LowerFn
+    emits: str  # human-readable: which op or function, at which opsets
+
+
+REGISTRY: dict[str, Lowering] = {}
+
+
+def register(kind: str, emits: str) -> Callable[[LowerFn], LowerFn]:
+    def decorate(fn: LowerFn) -> LowerFn:
+        REGISTRY[kind] = Lowering(kind, fn, emits)
+        return fn
+
+    return decorate
+
+
+def lowering_for(spec: LayerSpec) -> Lowering:
+    try:
+        return REGISTRY[spec.kind]
+    except KeyError:
+        raise ValueError(
+            f"no lowering for layer {spec.path!r} ({spec.cls}, kind {spec.kind!r})"
+        ) from None
+
+
+def node_name(spec: LayerSpec, op: str) -> str:
+    """Node names follow module paths, so the graph reads well in a viewer."""
+    return f"{spec.path or spec.cls}/{op}"
+
+
+# Importing the modules registers their lowerings.
+from export.lowerings import (  # noqa: E402, F401
+    batchnorm,
+    groupnorm,
+    instancenorm,
+    layernorm,
+    switchable,
+)

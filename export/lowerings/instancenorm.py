@@ -1,0 +1,55 @@
+"""InstanceNorm1d/2d/3d.
+
+- batch statistics without tracking (the default): ``InstanceNormalization`` (all opsets).
+- eval with tracked running statistics: ``BatchNormalization`` (per-channel running stats).
+- training with tracked statistics: the function ``normport.InstanceNormTrain`` (output and
+  the running update from the batch average of per-instance statistics; torch.nn never
+  advances ``num_batches_tracked`` here and treats ``momentum=None`` as 0).
+"""
+
+from __future__ import annotations
+
+from export._emit import Emitter, Inputs
+from export._placeholder import LayerSpec
+from export.lowerings import node_name, register
+from export.lowerings.batchnorm import _affine, lower_batch_stats
+
+
+@register(
+    "instancenorm",
+    "InstanceNormalization; BatchNormalization (eval, tracked); function InstanceNormTrain",
+)
+def lower_instancenorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
+    if spec.rank < 3 or spec.rank - 2 != int(spec.cls[-2]):
+        raise ValueError(
+            f"cannot export {spec.path!r} ({spec.cls}) on a {spec.rank}D input: ONNX's "
+            "instance normalization needs a batched (N, C, *) input; add the batch axis"
+        )
+    scale, bias = _affine(em, spec, ins)
+    if spec.update_stats:
+        lower_batch_stats(
+            em,
+            spec,
+            ins,
+            outs,
+            axes=list(range(2, spec.rank)),
+            channel_shape=[spec.channels] + [1] * (spec.rank - 2),
+            base="InstanceNorm",
+            instance=True,
+        )
+    elif spec.batch_stats:
+        em.node(
+            "InstanceNormalization",
+            [ins.x, scale, bias],
+            outs[:1],
+            name=node_name(spec, "InstanceNormalization"),
+            epsilon=spec.eps,
+        )
+    else:
+        em.node(
+            "BatchNormalization",
+            [ins.x, scale, bias, ins.running_mean, ins.running_var],
+            outs[:1],
+            name=node_name(spec, "BatchNormalization"),
+            epsilon=spec.eps,
+        )
