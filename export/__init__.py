@@ -10,7 +10,7 @@ becomes at each opset, and :mod:`export._lower` for the training graphs' state i
 from export._lower import state_names
 from export._opset import OpsetError
 from export._save import save
-from export.api import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, to_onnx
+from export.api import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, to_onnx, to_onnx_opsets
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -20,4 +20,5 @@ __all__ = [
     "save",
     "state_names",
     "to_onnx",
+    "to_onnx_opsets",
 ]

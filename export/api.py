@@ -13,13 +13,14 @@ import torch
 from onnx import helper
 from torch import Tensor, nn
 
+from export._emit import FUNCTION_DOMAIN
 from export._finalize import finalize, weights_sha256
 from export._lower import lower
 from export._opset import convert
 from export._placeholder import kind_of
 from export._trace import trace
 
-__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "MODES", "to_onnx"]
+__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "MODES", "to_onnx", "to_onnx_opsets"]
 
 MIN_OPSET = 13
 MAX_OPSET = onnx.defs.onnx_opset_version()  # 28 with onnx 1.23; onnxruntime 1.32 loads it
@@ -169,9 +170,38 @@ def to_onnx(
         ValueError: bad mode, opset or dtype; training flags that disagree with ``mode``; a
             layer input the layer rejects (e.g. one value per channel in a train export); a
             torch.nn norm under ``strict``; an opset the graph cannot meet
-            (:class:`export._opset.OpsetError`, naming the op).
+            (:class:`export.OpsetError`, naming the op).
     """
-    _check_arguments(module, mode, opset, dtype)
+    return to_onnx_opsets(
+        module,
+        example_inputs,
+        mode=mode,
+        opsets=(opset,),
+        dynamic=dynamic,
+        dtype=dtype,
+        inline=inline,
+        strict=strict,
+        input_names=input_names,
+        output_names=output_names,
+    )[opset]
+
+
+def to_onnx_opsets(
+    module: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    *,
+    mode: str,
+    opsets: Sequence[int],
+    dynamic: Dynamic = True,
+    dtype: torch.dtype | None = None,
+    inline: bool = False,
+    strict: bool = True,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> dict[int, onnx.ModelProto]:
+    """:func:`to_onnx` at several opsets, tracing the module once: ``{opset: model}``."""
+    for opset in opsets:
+        _check_arguments(module, mode, opset, dtype)
     if strict:
         _check_strict(module)
     work = copy.deepcopy(module)
@@ -181,31 +211,40 @@ def to_onnx(
     with torch.no_grad():  # the layers' own checks, on a copy (a train step moves statistics)
         outputs = copy.deepcopy(work)(*inputs)
     input_names, output_names = _names(work, inputs, outputs, input_names, output_names)
-    model = trace(
+    traced = trace(
         work,
         inputs,
         input_names=input_names,
         output_names=output_names,
         dynamic=_dynamic(dynamic, input_names),
     )
-    model = convert(model, opset)
-    specs = lower(model, opset, _elem_type(inputs, work))
-    if inline and model.functions:
-        model = onnx.inliner.inline_local_functions(model)
-        model.ClearField("functions")
-        kept = [o for o in model.opset_import if o.domain != "normport"]
-        model.ClearField("opset_import")
-        model.opset_import.extend(kept)
-    metadata = {
+    base = {
         "normport_version": _version(),
         "source_class": f"{type(module).__module__}.{type(module).__qualname__}",
         "mode": mode,
-        "opset": str(opset),
         "dtype": str(dtype or next((p.dtype for p in work.parameters()), torch.float32)),
         "torch_version": torch.__version__,
         "onnx_version": onnx.__version__,
         "weights_sha256": weights_sha256(work),
-        "normalization_layers": ",".join(f"{s.path or '<root>'}:{s.cls}" for s in specs),
         "inline": str(inline).lower(),
     }
-    return finalize(model, metadata)
+    elem_type = _elem_type(inputs, work)
+    return {opset: _emit(traced, opset, elem_type, inline, base) for opset in opsets}
+
+
+def _emit(
+    traced: onnx.ModelProto, opset: int, elem_type: int, inline: bool, metadata: dict[str, str]
+) -> onnx.ModelProto:
+    model = convert(traced, opset)
+    if model is traced:
+        model = onnx.ModelProto()
+        model.CopyFrom(traced)
+    specs = lower(model, opset, elem_type)
+    if inline and model.functions:
+        model = onnx.inliner.inline_local_functions(model)
+        model.ClearField("functions")
+        kept = [o for o in model.opset_import if o.domain != FUNCTION_DOMAIN]
+        model.ClearField("opset_import")
+        model.opset_import.extend(kept)
+    layers = ",".join(f"{s.path or '<root>'}:{s.cls}" for s in specs)
+    return finalize(model, {**metadata, "opset": str(opset), "normalization_layers": layers})

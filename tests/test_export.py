@@ -1,0 +1,137 @@
+"""Every layer x configuration x mode x opset: structure, checker, and numbers against PyTorch
+(onnxruntime) and against a second runtime (onnx's ReferenceEvaluator)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+import export
+from tests.cases import make_input
+from tests.export_cases import CASES, OPSETS, ExportCase
+from tests.onnx_helpers import close, default_opset, session, top_level_ops
+
+MODES = ("eval", "train")
+CASE_BY_ID = {c.id: c for c in CASES}
+
+
+@functools.cache
+def _exported(case_id: str, mode: str) -> tuple[torch.nn.Module, dict[int, onnx.ModelProto]]:
+    case = CASE_BY_ID[case_id]
+    layer = case.build(mode)
+    x = make_input(case.shapes[0], torch.Generator().manual_seed(1), torch.float32)
+    dynamic = {"input": {axis: f"d{axis}" for axis in case.dynamic_axes}}
+    models = export.to_onnx_opsets(layer, (x,), mode=mode, opsets=OPSETS, dynamic=dynamic)
+    return layer, models
+
+
+@functools.cache
+def _session(case_id: str, mode: str, opset: int):
+    return session(_exported(case_id, mode)[1][opset])
+
+
+def _inputs(case: ExportCase, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [make_input(shape, gen, torch.float32) for shape in case.shapes]
+
+
+def _state_feeds(layer: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {
+        name: getattr(layer, attr).numpy().copy()  # torch updates its buffers in place
+        for (name, _), attr in zip(
+            export.state_names(""),
+            ("running_mean", "running_var", "num_batches_tracked"),
+            strict=True,
+        )
+    }
+
+
+def _updates(layer: torch.nn.Module, mode: str) -> bool:
+    return mode == "train" and getattr(layer, "track_running_stats", False)
+
+
+PARAMS = [(c, m, o) for c in CASES for m in MODES for o in OPSETS]
+PARAM_IDS = [f"{c.id}-{m}-{o}" for c, m, o in PARAMS]
+
+
+@pytest.mark.parametrize(("case", "mode", "opset"), PARAMS, ids=PARAM_IDS)
+def test_structure(case: ExportCase, mode: str, opset: int):
+    layer, models = _exported(case.id, mode)
+    model = models[opset]
+    assert default_opset(model) == opset
+    onnx.checker.check_model(model, full_check=True)
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    assert top_level_ops(model) == case.structure(mode, opset, layer)
+    called = {op.split(".", 1)[1] for op in top_level_ops(model) if op.startswith("normport.")}
+    assert {f.name for f in model.functions} == called
+    state = [n for n, _ in export.state_names("")] if _updates(layer, mode) else []
+    assert [i.name for i in model.graph.input] == ["input", *state]
+    assert [o.name for o in model.graph.output] == ["output"] + [
+        o for _, o in export.state_names("")
+    ] * bool(state)
+
+
+@pytest.mark.parametrize(("case", "mode", "opset"), PARAMS, ids=PARAM_IDS)
+def test_onnxruntime_matches_pytorch(case: ExportCase, mode: str, opset: int):
+    """Two batch sizes and two spatial / sequence sizes through one file; in train mode the
+    running statistics are fed back for every step and checked against PyTorch's buffers."""
+    layer, _ = _exported(case.id, mode)
+    torch_layer = copy.deepcopy(layer)
+    sess = _session(case.id, mode, opset)
+    updates = _updates(layer, mode)
+    state = _state_feeds(torch_layer) if updates else {}
+    for step, x in enumerate(_inputs(case, seed=opset)):
+        with torch.no_grad():
+            expected = torch_layer(x)
+        outputs = sess.run(None, {"input": x.numpy(), **state})
+        label = f"{case.id} {mode} opset {opset} step {step} {tuple(x.shape)}"
+        close(outputs[0], expected.numpy(), f"{label}: output")
+        if updates:
+            names = [o for _, o in export.state_names("")]
+            state = dict(zip([i for i, _ in export.state_names("")], outputs[1:], strict=True))
+            for name, value, attr in zip(
+                names,
+                outputs[1:],
+                ("running_mean", "running_var", "num_batches_tracked"),
+                strict=True,
+            ):
+                close(value, getattr(torch_layer, attr).numpy(), f"{label}: {name}")
+
+
+class BatchNormalization(OpRun):
+    """onnx 1.23's reference BatchNormalization-9 fills in the default ``momentum`` and then
+    takes its *training* branch (blending batch statistics into the running ones), although
+    opset 9-13 BatchNormalization is inference-only; inference semantics, as the spec says."""
+
+    op_domain = ""
+
+    def _run(self, x, scale, bias, mean, var, epsilon=1e-5, momentum=None, training_mode=0):
+        if training_mode:
+            raise NotImplementedError("normport never emits training_mode=1")
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + epsilon)
+        return ((y * scale.reshape(shape) + bias.reshape(shape)).astype(x.dtype),)
+
+
+def reference(model: onnx.ModelProto) -> ReferenceEvaluator:
+    new_ops = [BatchNormalization] if default_opset(model) < 14 else None
+    return ReferenceEvaluator(model, new_ops=new_ops)
+
+
+@pytest.mark.parametrize(("case", "mode", "opset"), PARAMS, ids=PARAM_IDS)
+def test_reference_evaluator_matches_onnxruntime(case: ExportCase, mode: str, opset: int):
+    layer, models = _exported(case.id, mode)
+    x = _inputs(case, seed=7)[0].numpy()
+    feeds = {"input": x, **(_state_feeds(layer) if _updates(layer, mode) else {})}
+    ours = _session(case.id, mode, opset).run(None, feeds)
+    reference_out = reference(models[opset]).run(None, feeds)
+    assert len(ours) == len(reference_out)
+    for i, (a, b) in enumerate(zip(ours, reference_out, strict=True)):
+        close(a, np.asarray(b), f"{case.id} {mode} opset {opset}: output {i}")
