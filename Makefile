@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Benchmarks pin threads; override with `make bench THREADS=2`.
 THREADS ?= 1
 
-.PHONY: install test bench lint format clean
+.PHONY: install test export bench lint format clean
 
 install: $(STAMP)
 
@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+export: $(STAMP)
+	$(PY) -m export --all --out model_repository
+
 bench: $(STAMP)
 	$(PY) -m models.bench --threads $(THREADS) --out reports/bench/layers.json
+	$(PY) -m export.bench --threads $(THREADS) --out reports/bench/export.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -10,7 +10,7 @@ import torch
 from onnx import checker, shape_inference
 from torch import nn
 
-__all__ = ["finalize", "weights_sha256"]
+__all__ = ["finalize", "name_nodes", "weights_sha256"]
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
 
@@ -33,22 +33,28 @@ def _scope(node: onnx.NodeProto) -> str | None:
     return None
 
 
-def _rename_nodes(graph: onnx.GraphProto) -> None:
-    """``<module path>/<op>``: names a viewer can group; traced nodes keep no stack traces."""
+def name_nodes(model: onnx.ModelProto) -> None:
+    """``<module path>/<op>`` for traced nodes: names a viewer can group by module.
+
+    Runs right after tracing, while the exporter's scope metadata is still there (version
+    conversion drops it); the stack traces in that metadata are not kept.
+    """
+    for node in model.graph.node:
+        scope = _scope(node)
+        node.name = f"{scope}/{node.op_type}" if scope else node.op_type
+        node.ClearField("metadata_props")
+        node.doc_string = ""
+
+
+def _unique_names(graph: onnx.GraphProto) -> None:
     used: set[str] = set()
     for node in graph.node:
-        if "/" in node.name:  # set by a lowering
-            base = node.name
-        else:
-            scope = _scope(node)
-            base = f"{scope}/{node.op_type}" if scope else node.op_type
+        base = node.name or node.op_type
         name, i = base, 1
         while name in used:
             name, i = f"{base}_{i}", i + 1
         used.add(name)
         node.name = name
-        node.ClearField("metadata_props")
-        node.doc_string = ""
 
 
 def _prune_initializers(graph: onnx.GraphProto) -> None:
@@ -63,7 +69,7 @@ def _prune_initializers(graph: onnx.GraphProto) -> None:
 def finalize(model: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
     """Names, pruning, metadata, then ``check_model(full_check=True)`` and strict inference."""
     graph = model.graph
-    _rename_nodes(graph)
+    _unique_names(graph)
     _prune_initializers(graph)
     graph.ClearField("value_info")
     graph.doc_string = ""
@@ -74,9 +80,14 @@ def finalize(model: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProt
     for key in sorted(metadata):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, metadata[key]
-    inferred = shape_inference.infer_shapes(
-        model, check_type=True, strict_mode=True, data_prop=True
-    )
-    checker.check_model(inferred, full_check=True)
+    try:
+        inferred = shape_inference.infer_shapes(
+            model, check_type=True, strict_mode=True, data_prop=True
+        )
+        checker.check_model(inferred, full_check=True)
+    except (checker.ValidationError, shape_inference.InferenceError) as err:
+        raise ValueError(
+            f"the exported graph fails onnx's checks at opset {metadata['opset']}: {err}"
+        ) from err
     # The file keeps only the declared input / output types; runtimes infer the rest.
     return model

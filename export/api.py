@@ -14,7 +14,7 @@ from onnx import helper
 from torch import Tensor, nn
 
 from export._emit import FUNCTION_DOMAIN
-from export._finalize import finalize, weights_sha256
+from export._finalize import finalize, name_nodes, weights_sha256
 from export._lower import lower
 from export._opset import convert
 from export._placeholder import kind_of
@@ -218,6 +218,7 @@ def to_onnx_opsets(
         output_names=output_names,
         dynamic=_dynamic(dynamic, input_names),
     )
+    name_nodes(traced)
     base = {
         "normport_version": _version(),
         "source_class": f"{type(module).__module__}.{type(module).__qualname__}",

@@ -1,0 +1,343 @@
+"""Triton Inference Server model repository: ``<root>/<name>/{config.pbtxt, 1/model.onnx}``.
+
+>>> write_model("model_repository", "cnn_bn", export.to_onnx(net, x, mode="eval"))
+>>> read_config("model_repository/cnn_bn")["inputs"]
+[{'name': 'image', 'data_type': 'TYPE_FP32', 'dims': [3, -1, -1], 'reshape': None}]
+
+With ``max_batch_size > 0`` (the default) axis 0 of every graph input and output must be one
+symbolic batch dimension; ``dims`` leave it out and a ``dynamic_batching`` block is written.
+``max_batch_size=0`` (no batching: e.g. training graphs, whose batch statistics must not mix
+requests and whose running statistics have no batch axis) lists full shapes instead.  Symbolic
+dimensions are written as ``-1``; a tensor whose listed shape would be empty is written as
+``dims: [ 1 ] reshape: { shape: [ ] }`` (Triton requires non-empty ``dims``).
+
+:func:`read_config` parses exactly this subset back into the dict :func:`build_config` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from export._pbtxt import Enum, Field, Message, parse, quote
+from export._save import save
+
+__all__ = [
+    "CONFIG_NAME",
+    "DEFAULT_PREFERRED_BATCH_SIZES",
+    "MODEL_NAME",
+    "PLATFORM",
+    "TRITON_TYPES",
+    "VERSION",
+    "build_config",
+    "format_config",
+    "parse_config",
+    "read_config",
+    "triton_type",
+    "write_model",
+]
+
+PLATFORM = "onnxruntime_onnx"
+CONFIG_NAME = "config.pbtxt"
+MODEL_NAME = "model.onnx"
+VERSION = "1"
+DEFAULT_PREFERRED_BATCH_SIZES = (16, 32, 64)  # those <= max_batch_size are used
+
+_T = onnx.TensorProto
+TRITON_TYPES: dict[int, str] = {
+    _T.BOOL: "TYPE_BOOL",
+    _T.UINT8: "TYPE_UINT8",
+    _T.UINT16: "TYPE_UINT16",
+    _T.UINT32: "TYPE_UINT32",
+    _T.UINT64: "TYPE_UINT64",
+    _T.INT8: "TYPE_INT8",
+    _T.INT16: "TYPE_INT16",
+    _T.INT32: "TYPE_INT32",
+    _T.INT64: "TYPE_INT64",
+    _T.FLOAT16: "TYPE_FP16",
+    _T.BFLOAT16: "TYPE_BF16",
+    _T.FLOAT: "TYPE_FP32",
+    _T.DOUBLE: "TYPE_FP64",
+    _T.STRING: "TYPE_STRING",
+}
+
+Config = dict[str, Any]
+
+
+def triton_type(elem_type: int, tensor: str = "?") -> str:
+    """The Triton ``TYPE_*`` name of an ONNX element type; ValueError naming an unmapped one."""
+    if elem_type not in TRITON_TYPES:
+        onnx_name = _T.DataType.Name(elem_type) if elem_type in _T.DataType.values() else elem_type
+        raise ValueError(
+            f"tensor {tensor!r} has ONNX element type {onnx_name}, which has no Triton "
+            f"TYPE_* (supported: {', '.join(_T.DataType.Name(t) for t in TRITON_TYPES)})"
+        )
+    return TRITON_TYPES[elem_type]
+
+
+def _tensor(value: onnx.ValueInfoProto, kind: str, batch: list[str] | None) -> dict[str, Any]:
+    """One config tensor; ``batch`` collects the batch symbol (None: no batching)."""
+    ttype = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not ttype.HasField("shape"):
+        raise ValueError(f"{kind} {value.name!r} is not a tensor of known rank")
+    shape = list(ttype.shape.dim)
+    if batch is not None:
+        symbol = shape[0].dim_param if shape else ""
+        if not symbol or (batch and symbol != batch[0]):
+            axis0 = "none (a scalar)" if not shape else (symbol or shape[0].dim_value or "?")
+            expected = repr(batch[0]) if batch else "a symbolic batch dimension"
+            raise ValueError(
+                f"{kind} {value.name!r}: axis 0 is {axis0}, expected {expected}; Triton batches "
+                "every input and output along axis 0 (use max_batch_size=0 for no batching)"
+            )
+        if not batch:
+            batch.append(symbol)  # the first tensor names the batch symbol for all others
+        shape = shape[1:]
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in shape]
+    return {
+        "name": value.name,
+        "data_type": triton_type(ttype.elem_type, value.name),
+        "dims": dims or [1],
+        "reshape": None if dims else [],
+    }
+
+
+def _preferred(max_batch_size: int, preferred: Sequence[int] | None) -> list[int]:
+    if preferred is None:
+        return [s for s in DEFAULT_PREFERRED_BATCH_SIZES if s <= max_batch_size] or [max_batch_size]
+    sizes = list(preferred)
+    if any(
+        isinstance(s, bool) or not isinstance(s, int) or not 0 < s <= max_batch_size for s in sizes
+    ):
+        raise ValueError(
+            f"preferred batch sizes must be ints in [1, {max_batch_size}], got {sizes}"
+        )
+    return sorted(set(sizes))
+
+
+def build_config(
+    name: str,
+    model: onnx.ModelProto,
+    *,
+    max_batch_size: int = 64,
+    preferred_batch_sizes: Sequence[int] | None = None,
+    max_queue_delay_microseconds: int = 100,
+) -> Config:
+    """The config of ``model`` served as ``name``, as :func:`read_config` returns it.
+
+    Raises:
+        ValueError: a bad name or batching option, a tensor without a Triton type or of unknown
+            rank, or (``max_batch_size > 0``) a tensor whose axis 0 is not the batch dimension.
+    """
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0\n"):
+        raise ValueError(f"model name must be a plain folder name, got {name!r}")
+    options = {
+        "max_batch_size": max_batch_size,
+        "max_queue_delay_microseconds": max_queue_delay_microseconds,
+    }
+    for option, n in options.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{option} must be an int >= 0, got {n!r}")
+    if max_batch_size == 0 and preferred_batch_sizes:
+        raise ValueError("preferred_batch_sizes needs max_batch_size > 0")
+    batch: list[str] | None = [] if max_batch_size > 0 else None
+    graph = model.graph
+    return {
+        "name": name,
+        "platform": PLATFORM,
+        "max_batch_size": max_batch_size,
+        "inputs": [_tensor(v, "input", batch) for v in graph.input],
+        "outputs": [_tensor(v, "output", batch) for v in graph.output],
+        "dynamic_batching": None
+        if max_batch_size == 0
+        else {
+            "preferred_batch_size": _preferred(max_batch_size, preferred_batch_sizes),
+            "max_queue_delay_microseconds": max_queue_delay_microseconds,
+        },
+    }
+
+
+def _ints(values: Sequence[int]) -> str:
+    return "[ " + ", ".join(map(str, values)) + " ]" if values else "[ ]"
+
+
+def format_config(config: Config) -> str:
+    """``config`` (as :func:`build_config` returns it) in protobuf text format."""
+    lines = [
+        "# Triton Inference Server model configuration, written by normport export.repository.",
+        f"name: {quote(config['name'])}",
+        f"platform: {quote(config['platform'])}",
+        f"max_batch_size: {config['max_batch_size']}",
+    ]
+    for field, key in (("input", "inputs"), ("output", "outputs")):
+        blocks = []
+        for t in config[key]:
+            block = [
+                f"    name: {quote(t['name'])}",
+                f"    data_type: {t['data_type']}",
+                f"    dims: {_ints(t['dims'])}",
+            ]
+            if t["reshape"] is not None:
+                block.append(f"    reshape: {{ shape: {_ints(t['reshape'])} }}")
+            blocks.append("  {\n" + "\n".join(block) + "\n  }")
+        lines.append(f"{field} [\n" + ",\n".join(blocks) + "\n]")
+    batching = config["dynamic_batching"]
+    if batching is not None:
+        lines.append("dynamic_batching {")
+        if batching["preferred_batch_size"]:
+            lines.append(f"  preferred_batch_size: {_ints(batching['preferred_batch_size'])}")
+        lines.append(f"  max_queue_delay_microseconds: {batching['max_queue_delay_microseconds']}")
+        lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic write: temporary file in the same folder, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_model(
+    root: str | os.PathLike,
+    name: str,
+    model: onnx.ModelProto,
+    *,
+    max_batch_size: int = 64,
+    preferred_batch_sizes: Sequence[int] | None = None,
+    max_queue_delay_microseconds: int = 100,
+) -> Path:
+    """Write ``root/name/1/model.onnx`` and ``root/name/config.pbtxt`` (both atomically).
+
+    ``preferred_batch_sizes=None`` uses those of :data:`DEFAULT_PREFERRED_BATCH_SIZES` that fit
+    (or ``[max_batch_size]``); ``()`` leaves the field out.  Nothing is written when the config
+    is invalid (see :func:`build_config` for the errors).  Returns ``root/name``.
+    """
+    config = build_config(
+        name,
+        model,
+        max_batch_size=max_batch_size,
+        preferred_batch_sizes=preferred_batch_sizes,
+        max_queue_delay_microseconds=max_queue_delay_microseconds,
+    )
+    folder = Path(root) / name
+    save(model, folder / VERSION / MODEL_NAME)  # the model first: a config never dangles
+    _write_text(folder / CONFIG_NAME, format_config(config))
+    return folder
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+_TOP = ("name", "platform", "max_batch_size", "input", "output", "dynamic_batching")
+_TENSOR = ("name", "data_type", "dims", "reshape")
+_BATCHING = ("preferred_batch_size", "max_queue_delay_microseconds")
+_MISSING = object()
+
+
+def _group(message: Message, allowed: tuple[str, ...], where: str) -> dict[str, list[Field]]:
+    groups: dict[str, list[Field]] = {}
+    for f in message.fields:
+        if f.name not in allowed:
+            raise ValueError(f"line {f.line}: unknown field {f.name!r} in {where}")
+        groups.setdefault(f.name, []).append(f)
+    return groups
+
+
+def _one(groups: dict[str, list[Field]], key: str, kind: type, where: str, default=_MISSING):
+    fields = groups.get(key, [])
+    if len(fields) > 1:
+        raise ValueError(f"line {fields[1].line}: {key!r} repeated in {where}")
+    if not fields:
+        if default is _MISSING:
+            raise ValueError(f"{where} has no {key!r}")
+        return default
+    value = fields[0].value
+    if not isinstance(value, kind) or (kind is str and isinstance(value, Enum)):
+        raise ValueError(f"line {fields[0].line}: {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _many(groups: dict[str, list[Field]], key: str, kind: type) -> list:
+    """A repeated field: ``key: [a, b]`` and/or ``key: a key: b``, flattened."""
+    out = []
+    for f in groups.get(key, []):
+        for value in f.value if isinstance(f.value, list) else [f.value]:
+            if not isinstance(value, kind) or (kind is not Enum and isinstance(value, Enum)):
+                raise ValueError(f"line {f.line}: {key!r} must hold {kind.__name__}s")
+            out.append(value)
+    return out
+
+
+def _read_tensor(message: Message, where: str) -> dict[str, Any]:
+    g = _group(message, _TENSOR, where)
+    name = _one(g, "name", str, where)
+    data_type = _one(g, "data_type", Enum, where)
+    if data_type not in TRITON_TYPES.values():
+        raise ValueError(f"line {g['data_type'][0].line}: unknown data_type {data_type}")
+    dims = _many(g, "dims", int)
+    if not dims or any(d < -1 for d in dims):
+        raise ValueError(f"line {message.line}: {where} {name!r} needs dims, each >= -1")
+    reshape = _one(g, "reshape", Message, where, None)
+    if reshape is not None:
+        reshape = _many(_group(reshape, ("shape",), "reshape"), "shape", int)
+    return {"name": name, "data_type": str(data_type), "dims": dims, "reshape": reshape}
+
+
+def parse_config(text: str) -> Config:
+    """Parse ``config.pbtxt`` text (the subset :func:`format_config` writes).
+
+    Raises:
+        ValueError: syntax outside the subset, an unknown or repeated field, a missing or
+            mistyped value; the message starts with ``line <n>:``.
+    """
+    top = _group(parse(text), _TOP, "the config")
+    config: Config = {
+        "name": _one(top, "name", str, "the config"),
+        "platform": _one(top, "platform", str, "the config"),
+        "max_batch_size": _one(top, "max_batch_size", int, "the config", 0),
+    }
+    for field, key in (("input", "inputs"), ("output", "outputs")):
+        config[key] = [_read_tensor(m, field) for m in _many(top, field, Message)]
+    for field, key in (("input", "inputs"), ("output", "outputs")):
+        if not config[key]:
+            raise ValueError(f"the config has no {field!r}")
+    batching = _one(top, "dynamic_batching", Message, "the config", None)
+    if batching is not None:
+        g = _group(batching, _BATCHING, "dynamic_batching")
+        batching = {
+            "preferred_batch_size": _many(g, "preferred_batch_size", int),
+            "max_queue_delay_microseconds": _one(
+                g, "max_queue_delay_microseconds", int, "dynamic_batching", 0
+            ),
+        }
+    config["dynamic_batching"] = batching
+    return config
+
+
+def read_config(path: str | os.PathLike) -> Config:
+    """Parse ``path`` (a ``config.pbtxt``, or a model folder holding one); see :func:`parse_config`.
+
+    Raises:
+        ValueError: as :func:`parse_config`, prefixed with the path.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    try:
+        return parse_config(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

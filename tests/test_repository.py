@@ -1,0 +1,372 @@
+"""Triton model repository: layout, config.pbtxt vs the graph, round trip, runs, and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+import export
+from export.__main__ import main
+from export.repository import build_config, parse_config, read_config, triton_type, write_model
+from models import zoo
+
+NAMES = ["cnn_gn", "seq_bn", "transformer_ln"]
+ATOL = 1e-5
+TRITON = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.INT64: "TYPE_INT64"}
+
+
+@dataclass
+class Exported:
+    name: str
+    net: nn.Module
+    model: onnx.ModelProto
+    folder: Path
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
+    root = tmp_path_factory.mktemp("model_repository")
+    out = {}
+    for name in NAMES:
+        spec = zoo.get(name)
+        net = spec.build()
+        model = export.to_onnx(
+            net,
+            spec.example_inputs(4),
+            mode="eval",
+            opset=23,
+            dynamic=spec.dynamic_dims,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+        )
+        out[name] = Exported(name, net, model, write_model(root, name, model))
+    return out
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def graph_dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def tiny_model(inputs: list, outputs: list, node: onnx.NodeProto) -> onnx.ModelProto:
+    graph = helper.make_graph([node], "g", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+# -- layout and config --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layout(repo: dict[str, Exported], name: str) -> None:
+    e = repo[name]
+    assert e.folder == e.folder.parent / name
+    files = sorted(p.relative_to(e.folder).as_posix() for p in e.folder.rglob("*") if p.is_file())
+    assert files == ["1/model.onnx", "config.pbtxt"]  # no temporary files left behind
+    onnx.checker.check_model(onnx.load(e.folder / "1" / "model.onnx"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_matches_graph(repo: dict[str, Exported], name: str) -> None:
+    e = repo[name]
+    text = (e.folder / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in text
+    assert "dynamic_batching {" in text
+    config = read_config(e.folder / "config.pbtxt")
+    assert config["name"] == name
+    assert config["platform"] == "onnxruntime_onnx"
+    assert config["max_batch_size"] > 0
+    batching = config["dynamic_batching"]
+    assert batching is not None
+    assert batching["max_queue_delay_microseconds"] >= 0
+    assert all(0 < s <= config["max_batch_size"] for s in batching["preferred_batch_size"])
+    for key, values in (("inputs", e.model.graph.input), ("outputs", e.model.graph.output)):
+        assert [t["name"] for t in config[key]] == [v.name for v in values]
+        for tensor, value in zip(config[key], values, strict=True):
+            dims = graph_dims(value)
+            assert dims[0] == "batch"
+            assert tensor["data_type"] == TRITON[value.type.tensor_type.elem_type]
+            assert tensor["dims"] == [d if isinstance(d, int) else -1 for d in dims[1:]]
+            assert tensor["reshape"] is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_read_config_round_trip(repo: dict[str, Exported], name: str) -> None:
+    e = repo[name]
+    assert read_config(e.folder) == build_config(name, e.model)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_model_runs_like_pytorch(repo: dict[str, Exported], name: str, batch_size: int) -> None:
+    e = repo[name]
+    spec = zoo.get(name)
+    inputs = spec.example_inputs(batch_size, seed=batch_size)
+    with torch.no_grad():
+        expected = e.net(*inputs)
+    sess = session(e.folder / "1" / "model.onnx")
+    feeds = {n: t.numpy() for n, t in zip(spec.input_names, inputs, strict=True)}
+    (actual,) = sess.run(list(spec.output_names), feeds)
+    assert actual.shape[0] == batch_size
+    np.testing.assert_allclose(actual, expected.numpy(), atol=ATOL, rtol=ATOL)
+
+
+# -- write_model options and errors -------------------------------------------------------------
+
+
+def test_no_batching_lists_full_shapes_and_reshapes_scalars(tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
+    model = tiny_model([x], [y], helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0))
+    config = read_config(write_model(tmp_path, "sum", model, max_batch_size=0))
+    assert config["max_batch_size"] == 0
+    assert config["dynamic_batching"] is None
+    assert config["inputs"] == [
+        {"name": "x", "data_type": "TYPE_FP32", "dims": [-1, 3], "reshape": None}
+    ]
+    assert config["outputs"] == [
+        {"name": "y", "data_type": "TYPE_FP32", "dims": [1], "reshape": []}
+    ]
+
+
+def test_batch_only_tensor_gets_reshape(tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.INT64, ["batch"])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, ["batch"])
+    model = tiny_model([x], [y], helper.make_node("Identity", ["x"], ["y"]))
+    config = read_config(
+        write_model(
+            tmp_path,
+            "id",
+            model,
+            max_batch_size=8,
+            preferred_batch_sizes=[8, 2, 2],
+            max_queue_delay_microseconds=0,
+        )
+    )
+    assert config["inputs"][0] == {
+        "name": "x",
+        "data_type": "TYPE_INT64",
+        "dims": [1],
+        "reshape": [],
+    }
+    assert config["dynamic_batching"] == {
+        "preferred_batch_size": [2, 8],
+        "max_queue_delay_microseconds": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("y_shape", "match"),
+    [
+        ([16], r"output 'y': axis 0 is 16, expected 'batch'"),
+        (["seq"], r"output 'y': axis 0 is seq, expected 'batch'"),
+        ([], r"output 'y': axis 0 is none \(a scalar\)"),
+    ],
+)
+def test_axis0_must_be_the_batch_dim(tmp_path: Path, y_shape: list, match: str) -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)
+    model = tiny_model([x], [y], helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0))
+    with pytest.raises(ValueError, match=match):
+        write_model(tmp_path, "m", model)
+    assert not (tmp_path / "m").exists()  # nothing written for an invalid config
+
+
+def test_unmapped_dtype_raises(tmp_path: Path) -> None:
+    x = helper.make_tensor_value_info("z", TensorProto.COMPLEX64, ["batch", 2])
+    y = helper.make_tensor_value_info("w", TensorProto.COMPLEX64, ["batch", 2])
+    model = tiny_model([x], [y], helper.make_node("Identity", ["z"], ["w"]))
+    with pytest.raises(
+        ValueError, match=r"tensor 'z' has ONNX element type COMPLEX64, which has no Triton TYPE_\*"
+    ):
+        write_model(tmp_path, "c", model)
+    with pytest.raises(ValueError, match=r"FLOAT8E4M3FN"):
+        triton_type(TensorProto.FLOAT8E4M3FN)
+
+
+@pytest.mark.parametrize(
+    ("elem_type", "expected"),
+    [
+        (TensorProto.FLOAT, "TYPE_FP32"),
+        (TensorProto.FLOAT16, "TYPE_FP16"),
+        (TensorProto.BFLOAT16, "TYPE_BF16"),
+        (TensorProto.DOUBLE, "TYPE_FP64"),
+        (TensorProto.INT64, "TYPE_INT64"),
+        (TensorProto.INT32, "TYPE_INT32"),
+        (TensorProto.INT8, "TYPE_INT8"),
+        (TensorProto.UINT8, "TYPE_UINT8"),
+        (TensorProto.BOOL, "TYPE_BOOL"),
+    ],
+)
+def test_triton_types(elem_type: int, expected: str) -> None:
+    assert triton_type(elem_type) == expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name": "a/b"}, r"plain folder name"),
+        ({"name": ".."}, r"plain folder name"),
+        ({"max_batch_size": -1}, r"max_batch_size must be an int >= 0"),
+        ({"preferred_batch_sizes": [128]}, r"preferred batch sizes must be ints in \[1, 64\]"),
+        ({"max_batch_size": 0, "preferred_batch_sizes": [4]}, r"needs max_batch_size > 0"),
+    ],
+)
+def test_bad_options(repo: dict[str, Exported], kwargs: dict, match: str) -> None:
+    kwargs = {"name": "m", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        build_config(kwargs.pop("name"), repo["cnn_gn"].model, **kwargs)
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+GOOD = """
+# comment
+name: "m"   # trailing comment
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "a \\"q\\"" data_type: TYPE_INT64 dims: [ -1 ] } ]
+output { name: "b" data_type: TYPE_FP32 dims: 2 dims: 3 }
+output: { name: "c" data_type: TYPE_BOOL dims: [1] reshape: { shape: [ ] } }
+dynamic_batching { }
+"""
+
+
+def test_parse_config_accepts_the_subset() -> None:
+    assert parse_config(GOOD) == {
+        "name": "m",
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": 8,
+        "inputs": [{"name": 'a "q"', "data_type": "TYPE_INT64", "dims": [-1], "reshape": None}],
+        "outputs": [
+            {"name": "b", "data_type": "TYPE_FP32", "dims": [2, 3], "reshape": None},
+            {"name": "c", "data_type": "TYPE_BOOL", "dims": [1], "reshape": []},
+        ],
+        "dynamic_batching": {"preferred_batch_size": [], "max_queue_delay_microseconds": 0},
+    }
+
+
+HEAD = 'name: "m"\nplatform: "p"\n'
+TENSORS = 'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\noutput [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (HEAD + "max_batch_size: 1.5\n", r"line 3: unexpected '1.5'"),
+        (HEAD + "max_batch_size: 8 ;\n", r"line 3: unexpected ';'"),
+        (
+            HEAD + 'input [\n  { name: "x"\n',
+            r"line 5: end of input inside the '\{' opened on line 4",
+        ),
+        (HEAD + 'input [ { name: "x" dims: [ 1 2 ] } ]\n', r"line 3: expected ',' or '\]'"),
+        (HEAD + "max_batch_size 8\n", r"line 3: expected ':', '\{' or '\[' after 'max_batch_size'"),
+        (HEAD + "}\n", r"line 3: '\}' without a matching '\{'"),
+        (HEAD + 'name: "unterminated\n', r"line 3: unexpected '\"unterminated'"),
+        (
+            HEAD + TENSORS + "instance_group [ { count: 1 } ]\n",
+            r"line 5: unknown field 'instance_group' in the config",
+        ),
+        (HEAD + TENSORS + 'max_batch_size: "8"\n', r"line 5: 'max_batch_size' must be int"),
+        (
+            HEAD + TENSORS + "max_batch_size: 1\nmax_batch_size: 2\n",
+            r"line 6: 'max_batch_size' repeated",
+        ),
+        (
+            HEAD + 'input [ { name: "x" data_type: TYPE_FLOAT dims: [ 1 ] } ]\n',
+            r"line 3: unknown data_type TYPE_FLOAT",
+        ),
+        (
+            HEAD + '\n\noutput [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] color: 3 } ]\n',
+            r"line 5: unknown field 'color' in output",
+        ),
+        (
+            HEAD + TENSORS + "dynamic_batching { preferred_batch_size: [ TYPE_FP32 ] }\n",
+            r"line 5: 'preferred_batch_size' must hold ints",
+        ),
+    ],
+)
+def test_read_config_rejects_malformed_text(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "config.pbtxt"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match) as info:
+        read_config(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_read_config_needs_name_and_tensors() -> None:
+    with pytest.raises(ValueError, match=r"the config has no 'name'"):
+        parse_config('platform: "p"\n' + TENSORS)
+    with pytest.raises(ValueError, match=r"the config has no 'output'"):
+        parse_config(HEAD + 'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def test_cli_exports_one_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model", "seq_bn", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "[1/1] seq_bn ..." in captured.err
+    header, rule, row = captured.out.strip().splitlines()
+    assert set(rule.replace(" ", "")) == {"-"}
+    assert header.split() == [
+        "name",
+        "mode",
+        "opset",
+        "dtype",
+        "nodes",
+        "norm",
+        "ops",
+        "size",
+        "KB",
+        "seconds",
+        "status",
+    ]
+    assert row.split()[:4] == ["seq_bn", "eval", "23", "float32"]
+    assert row.split()[-1] == "ok"
+    assert read_config(tmp_path / "seq_bn")["name"] == "seq_bn"
+    assert (tmp_path / "seq_bn" / "1" / "model.onnx").is_file()
+
+
+def test_cli_unknown_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--model", "seq_bn", "--model", "resnet999", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown model(s) 'resnet999'; known: cnn_bn, cnn_gn" in err
+    assert not list(tmp_path.iterdir())  # rejected before exporting anything
+
+
+def test_cli_goes_on_after_an_export_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = export.to_onnx
+
+    def flaky(module, *args, **kwargs):
+        if type(module).__name__ != "SequenceBN":
+            raise ValueError("boom")
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(export, "to_onnx", flaky)
+    assert main(["--model", "cnn_gn", "--model", "seq_bn", "--out", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "error: cnn_gn: ValueError: boom" in captured.err
+    rows = captured.out.strip().splitlines()[2:]
+    assert [r.split()[0] for r in rows] == ["cnn_gn", "seq_bn"]
+    assert rows[0].split()[-1] == "FAILED"
+    assert rows[1].split()[-1] == "ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seq_bn"]
