@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Benchmarks pin threads; override with `make bench THREADS=2`.
 THREADS ?= 1
 
-.PHONY: install test export bench lint format clean
+.PHONY: install test export serve verify bench lint format clean
 
 install: $(STAMP)
 
@@ -26,6 +26,15 @@ export: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m models.bench --threads $(THREADS) --out reports/bench/layers.json
 	$(PY) -m export.bench --threads $(THREADS) --out reports/bench/export.json
+	$(PY) -m runtime.serve.bench --out reports/bench/serve.json
+
+# Serves model_repository/ on 127.0.0.1:8000, exporting it first when it is missing.
+serve: $(STAMP)
+	test -d model_repository || $(MAKE) export
+	$(PY) -m runtime serve --repository model_repository --host 127.0.0.1 --port 8000
+
+verify: $(STAMP)
+	$(PY) -m runtime verify --all --out reports/verify
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
