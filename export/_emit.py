@@ -169,6 +169,17 @@ class Body:
             self(f"{out} = ReduceMean <axes = [{literal}], keepdims = 1> ({x})")
         return out
 
+    def channel_affine(self, xn: str) -> str:
+        """``xn * Scale + B`` with the per-channel ``Scale`` and ``B`` inputs reshaped to the
+        function's ``@channel_shape`` attribute (e.g. ``[C, 1, 1]`` for ``(N, C, H, W)``)."""
+        cs = self.ints("@channel_shape")
+        s, t, ys, y = self.tmp("s"), self.tmp("t"), self.tmp("ys"), self.tmp("y")
+        self(f"{s} = Reshape ({self.to_compute('Scale')}, {cs})")
+        self(f"{t} = Reshape ({self.to_compute('B')}, {cs})")
+        self(f"{ys} = Mul ({xn}, {s})")
+        self(f"{y} = Add ({ys}, {t})")
+        return y
+
     def to_compute(self, x: str) -> str:
         if self.elem_type == self.compute_type:
             return x

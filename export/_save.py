@@ -9,17 +9,22 @@ from pathlib import Path
 
 import onnx
 
-__all__ = ["save"]
+__all__ = ["atomic_write", "save"]
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write ``model`` to ``path``: temporary file in the same folder, fsync, rename.
+    """Write ``model`` to ``path`` atomically (see :func:`atomic_write`); returns the path."""
+    return atomic_write(path, model.SerializeToString())
 
-    Returns the path written.  The folder is created if needed.
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
+    """Temporary file in the same folder, flush + fsync, rename over ``path``.
+
+    The folder is created if needed; on any failure the temporary file is removed and
+    ``path`` keeps its previous content.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = model.SerializeToString()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

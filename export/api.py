@@ -19,6 +19,7 @@ from export._lower import lower
 from export._opset import convert
 from export._placeholder import kind_of
 from export._trace import trace
+from models.convert import TORCH_NORMS
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "MODES", "to_onnx", "to_onnx_opsets"]
 
@@ -27,17 +28,6 @@ MAX_OPSET = onnx.defs.onnx_opset_version()  # 28 with onnx 1.23; onnxruntime 1.3
 DEFAULT_OPSET = 23  # every layer is a standard op from here on
 MODES = ("eval", "train")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-# torch.nn normalization layers that torch.onnx would translate its own way (decomposed,
-# eval-only, or at another opset): with strict=True they are an error, not a fallback.
-_TORCH_NORMS = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.RMSNorm,
-    nn.LocalResponseNorm,
-    nn.CrossMapLRN2d,
-)
 
 Dynamic = bool | Mapping[str, Mapping[int, str]]
 
@@ -68,7 +58,7 @@ def _check_arguments(module: nn.Module, mode: str, opset: int, dtype: torch.dtyp
 
 def _check_strict(module: nn.Module) -> None:
     for path, m in module.named_modules():
-        if kind_of(m) is None and isinstance(m, _TORCH_NORMS):
+        if kind_of(m) is None and isinstance(m, TORCH_NORMS):
             raise ValueError(
                 f"{path or '<root>'!r} is {type(m).__module__}.{type(m).__qualname__}: "
                 "torch.onnx would lower it its own way (primitive ops or inference-only "

@@ -16,9 +16,7 @@ dimensions are written as ``-1``; a tensor whose listed shape would be empty is 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import onnx
 
 from export._pbtxt import Enum, Field, Message, parse, quote
-from export._save import save
+from export._save import atomic_write, save
 
 __all__ = [
     "CONFIG_NAME",
@@ -197,21 +195,6 @@ def format_config(config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Atomic write: temporary file in the same folder, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_model(
     root: str | os.PathLike,
     name: str,
@@ -236,7 +219,7 @@ def write_model(
     )
     folder = Path(root) / name
     save(model, folder / VERSION / MODEL_NAME)  # the model first: a config never dangles
-    _write_text(folder / CONFIG_NAME, format_config(config))
+    atomic_write(folder / CONFIG_NAME, format_config(config).encode("utf-8"))
     return folder
 
 

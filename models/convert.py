@@ -18,7 +18,7 @@ from torch import nn
 
 from models import batchnorm, groupnorm, instancenorm, layernorm, switchable
 
-__all__ = ["TorchSequenceBatchNorm", "convert"]
+__all__ = ["TORCH_NORMS", "TorchSequenceBatchNorm", "convert"]
 
 
 class TorchSequenceBatchNorm(nn.BatchNorm1d):
@@ -56,7 +56,9 @@ _NORMPORT_NORMS: tuple[type[nn.Module], ...] = (
     groupnorm.GroupNorm,
     layernorm._TrailingNorm,
 )
-_TORCH_NORMS: tuple[type[nn.Module], ...] = (
+# torch.nn's normalization layers (those without a normport twin included): converting or
+# exporting them must never pass silently.
+TORCH_NORMS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
     nn.LayerNorm,
     nn.GroupNorm,
@@ -80,7 +82,7 @@ _ARGS = (
 
 
 def _twin_of(module: nn.Module, to: str) -> type[nn.Module] | None:
-    table, family = (_TO_TORCH, _NORMPORT_NORMS) if to == "torch" else (_TO_NORMPORT, _TORCH_NORMS)
+    table, family = (_TO_TORCH, _NORMPORT_NORMS) if to == "torch" else (_TO_NORMPORT, TORCH_NORMS)
     twin = table.get(type(module))
     if twin is None and isinstance(module, family):
         return None

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 from export._emit import Emitter, Inputs
 from export._placeholder import LayerSpec
 
-__all__ = ["REGISTRY", "Lowering", "lowering_for", "register"]
+__all__ = [
+    "REGISTRY",
+    "Lowering",
+    "affine_inputs",
+    "batch_normalization",
+    "lowering_for",
+    "node_name",
+    "register",
+]
 
 LowerFn = Callable[[Emitter, LayerSpec, Inputs, list[str]], None]
 
@@ -41,6 +49,26 @@ def lowering_for(spec: LayerSpec) -> Lowering:
         raise ValueError(
             f"no lowering for layer {spec.path!r} ({spec.cls}, kind {spec.kind!r})"
         ) from None
+
+
+def affine_inputs(em: Emitter, spec: LayerSpec, ins: Inputs, shape=None) -> tuple[str, str]:
+    """Scale and bias names; ones / zeros constants where the layer has no affine."""
+    shape = (spec.channels,) if shape is None else shape
+    scale = ins.weight or em.filled(f"{spec.path}.scale_ones", shape, 1.0)
+    bias = ins.bias or em.filled(f"{spec.path}.bias_zeros", shape, 0.0)
+    return scale, bias
+
+
+def batch_normalization(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
+    """Inference with running statistics: one standard ``BatchNormalization`` (opsets 13-28)."""
+    scale, bias = affine_inputs(em, spec, ins)
+    em.node(
+        "BatchNormalization",
+        [ins.x, scale, bias, ins.running_mean, ins.running_var],
+        outs[:1],
+        name=node_name(spec, "BatchNormalization"),
+        epsilon=spec.eps,
+    )
 
 
 def node_name(spec: LayerSpec, op: str) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 
 from export._emit import Body, Emitter, Inputs
 from export._placeholder import LayerSpec
-from export.lowerings import node_name, register
+from export.lowerings import affine_inputs, batch_normalization, node_name, register
 from export.lowerings._stats import (
     STAT_INPUTS,
     STAT_OUTPUTS,
@@ -24,12 +24,6 @@ from export.lowerings._stats import (
 )
 
 __all__ = ["batch_stats_function", "lower_batchnorm"]
-
-
-def _affine(em: Emitter, spec: LayerSpec, ins: Inputs) -> tuple[str, str]:
-    scale = ins.weight or em.filled(f"{spec.path}.scale_ones", (spec.channels,), 1.0)
-    bias = ins.bias or em.filled(f"{spec.path}.bias_zeros", (spec.channels,), 0.0)
-    return scale, bias
 
 
 def batch_stats_function(
@@ -49,14 +43,7 @@ def batch_stats_function(
     b(f"{ve} = Add ({var}, {eps})")
     b(f"{std} = Sqrt ({ve})")
     b(f"{xn} = Div ({d}, {std})")
-    cs = b.ints("@channel_shape")
-    sc, bc = b.to_compute("Scale"), b.to_compute("B")
-    s, t, ys, y = b.tmp("s"), b.tmp("t"), b.tmp("ys"), b.tmp("y")
-    b(f"{s} = Reshape ({sc}, {cs})")
-    b(f"{t} = Reshape ({bc}, {cs})")
-    b(f"{ys} = Mul ({xn}, {s})")
-    b(f"{y} = Add ({ys}, {t})")
-    b.to_output(y, "Y")
+    b.to_output(b.channel_affine(xn), "Y")
     attrs = ["epsilon", "axes", "channel_shape"]
     inputs, outputs = ["X", "Scale", "B"], ["Y"]
     if momentum is not None:
@@ -93,7 +80,7 @@ def lower_batch_stats(
     base: str,
     instance: bool = False,
 ) -> None:
-    scale, bias = _affine(em, spec, ins)
+    scale, bias = affine_inputs(em, spec, ins)
     attrs = {"epsilon": spec.eps, "axes": axes, "channel_shape": channel_shape}
     if spec.update_stats:
         mode = momentum_mode(spec.momentum, instance=instance)
@@ -126,14 +113,7 @@ def lower_batchnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) 
             base="BatchNorm",
         )
         return
-    scale, bias = _affine(em, spec, ins)
-    em.node(
-        "BatchNormalization",
-        [ins.x, scale, bias, ins.running_mean, ins.running_var],
-        outs[:1],
-        name=node_name(spec, "BatchNormalization"),
-        epsilon=spec.eps,
-    )
+    batch_normalization(em, spec, ins, outs)
 
 
 @register("sequence_batchnorm", "X * scale + shift (eval); function BatchNormTrain (train)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from export._emit import Emitter, Inputs
 from export._placeholder import LayerSpec
-from export.lowerings import node_name, register
+from export.lowerings import affine_inputs, node_name, register
 
 STANDARD_OPSET = 21
 
@@ -26,14 +26,7 @@ def _function(em: Emitter):
     shape = b.tmp("shape")
     b(f"{shape} = Shape (X)")
     b(f"{xb} = Reshape ({xn}, {shape})")
-    cs = b.ints("@channel_shape")
-    sc, bc = b.to_compute("Scale"), b.to_compute("B")
-    s, t, ys, y = b.tmp("s"), b.tmp("t"), b.tmp("ys"), b.tmp("y")
-    b(f"{s} = Reshape ({sc}, {cs})")
-    b(f"{t} = Reshape ({bc}, {cs})")
-    b(f"{ys} = Mul ({xb}, {s})")
-    b(f"{y} = Add ({ys}, {t})")
-    b.to_output(y, "Y")
+    b.to_output(b.channel_affine(xb), "Y")
     return b.function(
         "GroupNorm",
         ["epsilon", "group_shape", "groups", "channel_shape"],
@@ -44,8 +37,7 @@ def _function(em: Emitter):
 
 @register("groupnorm", "GroupNormalization-21 (opset >= 21); function GroupNorm below")
 def lower_groupnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
-    scale = ins.weight or em.filled(f"{spec.path}.scale_ones", (spec.channels,), 1.0)
-    bias = ins.bias or em.filled(f"{spec.path}.bias_zeros", (spec.channels,), 0.0)
+    scale, bias = affine_inputs(em, spec, ins)
     if em.opset >= STANDARD_OPSET:
         em.node(
             "GroupNormalization",

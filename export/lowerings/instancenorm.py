@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from export._emit import Emitter, Inputs
 from export._placeholder import LayerSpec
-from export.lowerings import node_name, register
-from export.lowerings.batchnorm import _affine, lower_batch_stats
+from export.lowerings import affine_inputs, batch_normalization, node_name, register
+from export.lowerings.batchnorm import lower_batch_stats
 
 
 @register(
@@ -25,7 +25,6 @@ def lower_instancenorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str
             f"cannot export {spec.path!r} ({spec.cls}) on a {spec.rank}D input: ONNX's "
             "instance normalization needs a batched (N, C, *) input; add the batch axis"
         )
-    scale, bias = _affine(em, spec, ins)
     if spec.update_stats:
         lower_batch_stats(
             em,
@@ -38,6 +37,7 @@ def lower_instancenorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str
             instance=True,
         )
     elif spec.batch_stats:
+        scale, bias = affine_inputs(em, spec, ins)
         em.node(
             "InstanceNormalization",
             [ins.x, scale, bias],
@@ -46,10 +46,4 @@ def lower_instancenorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str
             epsilon=spec.eps,
         )
     else:
-        em.node(
-            "BatchNormalization",
-            [ins.x, scale, bias, ins.running_mean, ins.running_var],
-            outs[:1],
-            name=node_name(spec, "BatchNormalization"),
-            epsilon=spec.eps,
-        )
+        batch_normalization(em, spec, ins, outs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from export._emit import Body, Emitter, Inputs
 from export._placeholder import LayerSpec
-from export.lowerings import node_name, register
+from export.lowerings import affine_inputs, node_name, register
 from export.lowerings._stats import (
     STAT_INPUTS,
     STAT_OUTPUTS,
@@ -79,13 +79,7 @@ def _function(em: Emitter, momentum: str | None, batch_stats: bool):
     shape, xb = b.tmp("shape"), b.tmp("xb")
     b(f"{shape} = Shape (X)")
     b(f"{xb} = Reshape ({xn}, {shape})")
-    cs = b.ints("@channel_shape")
-    s, t, ys, y = b.tmp("s"), b.tmp("t"), b.tmp("ys"), b.tmp("y")
-    b(f"{s} = Reshape ({b.to_compute('Scale')}, {cs})")
-    b(f"{t} = Reshape ({b.to_compute('B')}, {cs})")
-    b(f"{ys} = Mul ({xb}, {s})")
-    b(f"{y} = Add ({ys}, {t})")
-    b.to_output(y, "Y")
+    b.to_output(b.channel_affine(xb), "Y")
     name = "SwitchableNorm"
     if momentum is not None:
         n = count_per_channel(b, xr, mean_bn)
@@ -108,8 +102,7 @@ def _function(em: Emitter, momentum: str | None, batch_stats: bool):
 def lower_switchable(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
     if spec.rank < 3:
         raise ValueError(f"cannot export {spec.path!r} ({spec.cls}) on a {spec.rank}D input")
-    scale = ins.weight or em.filled(f"{spec.path}.scale_ones", (spec.channels,), 1.0)
-    bias = ins.bias or em.filled(f"{spec.path}.bias_zeros", (spec.channels,), 0.0)
+    scale, bias = affine_inputs(em, spec, ins)
     mode = momentum_mode(spec.momentum) if spec.update_stats else None
     fn = _function(em, mode, spec.batch_stats)
     attrs = {"epsilon": spec.eps, "channel_shape": [spec.channels] + [1] * (spec.rank - 2)}

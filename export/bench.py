@@ -1,0 +1,359 @@
+"""Benchmark normport's ONNX exports in onnxruntime against torch.onnx's and PyTorch eager.
+
+Run as ``python -m export.bench --threads 1 --out reports/bench/export.json`` (``make bench``).
+
+Part 1, per layer and opset (eval mode, random non-trivial weights and running statistics),
+three sides timed side by side on the same input:
+
+* ``normport_ort``: onnxruntime on ``export.to_onnx(layer, mode="eval", opset=opset)``
+  (normport's defaults: dynamic batch axis);
+* ``twin_ort``: onnxruntime on ``torch.onnx.export(twin, (x,), dynamo=True,
+  opset_version=opset)`` of the torch.nn twin (static shapes, torch.onnx's default).  torch.onnx
+  implements opsets >= 18 only; asked for less it may keep 18, so every row records the opset
+  each file really imports;
+* ``eager``: the torch.nn twin in PyTorch eager under ``no_grad``.
+
+``ratio = normport_ort / twin_ort`` (target <= :data:`RATIO_TARGET`).  Each ORT output is
+compared with the eager output; a side whose ``max_abs_diff`` exceeds :data:`MAX_ABS_DIFF` is
+``valid: false``.  SwitchableNorm2d has no torch.nn twin: normport ORT vs normport eager only.
+SequenceBatchNorm also times ``alt_ort``, a hand-built ``Transpose -> BatchNormalization ->
+Transpose`` graph with the same numbers, against normport's folded ``Mul + Add`` lowering
+(``fold_ratio = normport_ort / alt_ort``).
+
+Part 2, per zoo network: onnxruntime on normport's eval export (opset 23, the spec's dynamic
+dims) vs PyTorch eager at batch 1 and 32, plus the time ``export.to_onnx`` takes.
+
+Timing follows :mod:`models.bench`: every round times every side (the order alternates), the
+warmup sizes ``inner`` steps per sample to a time budget, and ``*_ms`` is the median over rounds.
+onnxruntime: CPU, ``intra_op_num_threads=threads``, ``inter_op=1``, ORT_ENABLE_ALL; torch:
+``set_num_threads(threads)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+import export
+import models
+from export import _bench_graphs as graphs
+from models import zoo
+from models.bench import (
+    Step,
+    TimingPlan,
+    pin_threads,
+    randomize_,
+    summarize,
+    time_cpu,
+    time_interleaved,
+)
+
+__all__ = ["MAX_ABS_DIFF", "RATIO_TARGET", "main"]
+
+RATIO_TARGET = 1.0
+"""A layer row is ``ok`` when normport's file runs at most this many times the twin's time."""
+
+MAX_ABS_DIFF = 1e-3
+"""Each onnxruntime output must stay within this of the PyTorch eager output."""
+
+OPSETS = (17, 18, 21, 23)
+LOW_OPSET = 13  # only where a layer lowers to a function below its standard op's opset
+ZOO_OPSET = 23
+ZOO_BATCHES = (1, 32)
+SEED = 0
+
+TOKENS = (32, 128, 768)
+FMAP = (8, 256, 28, 28)
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One layer at one shape, and the opsets it is exported at by default."""
+
+    layer: str
+    shape: tuple[int, ...]
+    make: Callable[[], nn.Module]
+    opsets: tuple[int, ...] = OPSETS
+    has_twin: bool = True
+
+
+def build_layer_cases() -> list[LayerCase]:
+    """The layers at realistic shapes; opset 13 where normport emits a function there."""
+    with_low = (LOW_OPSET, *OPSETS)
+    return [
+        LayerCase("LayerNorm", TOKENS, lambda: models.LayerNorm(768), with_low),
+        LayerCase("RMSNorm", TOKENS, lambda: models.RMSNorm(768), with_low),
+        LayerCase("BatchNorm2d", FMAP, lambda: models.BatchNorm2d(256)),
+        LayerCase("GroupNorm", FMAP, lambda: models.GroupNorm(32, 256), with_low),
+        LayerCase("InstanceNorm2d", FMAP, lambda: models.InstanceNorm2d(256, affine=True)),
+        LayerCase("SwitchableNorm2d", FMAP, lambda: models.SwitchableNorm2d(256), has_twin=False),
+        LayerCase("SequenceBatchNorm", TOKENS, lambda: models.SequenceBatchNorm(768)),
+    ]
+
+
+def _pick(known: Sequence[str], wanted: Sequence[str] | None, what: str) -> list[str]:
+    if not wanted:
+        return list(known)
+    lower = {k.lower(): k for k in known}
+    unknown = [w for w in wanted if w.lower() not in lower]
+    if unknown:
+        raise SystemExit(f"unknown {what} {unknown}; choose from {list(known)}")
+    return [lower[w.lower()] for w in wanted]
+
+
+# -- measuring ----------------------------------------------------------------------------------
+
+
+def _timed(steps: dict[str, Step], plan: TimingPlan) -> tuple[dict[str, dict[str, float]], Any]:
+    """Interleaved timing of ``steps``: ``{side: {"ms": median, "iqr_ms": iqr}}`` and samples."""
+    samples = time_interleaved(steps, plan, time_cpu)
+    stats = {}
+    for name, values in samples.ms.items():
+        median, iqr = summarize(values)
+        stats[name] = {"ms": round(median, 4), "iqr_ms": round(iqr, 4)}
+    return stats, samples
+
+
+def bench_layer(case: LayerCase, opset: int, threads: int, plan: TimingPlan) -> dict[str, Any]:
+    """One layer at one opset: normport ORT vs twin ORT vs eager (vs the hand-built graph)."""
+    gen = torch.Generator().manual_seed(SEED)
+    ours = case.make()
+    randomize_(ours, gen)
+    ours.eval()
+    x = torch.randn(case.shape, generator=gen) * 2.0 + 0.5
+    ref = models.convert(ours, to="torch").eval() if case.has_twin else ours
+    with torch.no_grad():
+        want = graphs.outputs(ref(x))
+    ours_model, ours_export_s = graphs.seconds(
+        lambda: export.to_onnx(ours, (x,), mode="eval", opset=opset)
+    )
+    feed = {ours_model.graph.input[0].name: x.numpy()}
+    sides: dict[str, dict[str, Any]] = {}
+    steps: dict[str, Step] = {}
+    sides["normport_ort"], steps["normport_ort"] = graphs.ort_side(
+        ours_model, feed, want, threads, MAX_ABS_DIFF
+    )
+    sides["normport_ort"]["export_s"] = ours_export_s
+    if case.has_twin:
+        twin_model, twin_export_s = graphs.seconds(lambda: graphs.export_twin(ref, x, opset))
+        twin_feed = {twin_model.graph.input[0].name: feed[ours_model.graph.input[0].name]}
+        sides["twin_ort"], steps["twin_ort"] = graphs.ort_side(
+            twin_model, twin_feed, want, threads, MAX_ABS_DIFF
+        )
+        sides["twin_ort"]["export_s"] = twin_export_s
+    if case.layer == "SequenceBatchNorm":
+        alt = graphs.transpose_bn_transpose(
+            ours_model,
+            scale=ours.weight.detach().numpy(),
+            bias=ours.bias.detach().numpy(),
+            mean=ours.running_mean.numpy(),
+            var=ours.running_var.numpy(),
+            epsilon=ours.eps,
+        )
+        sides["alt_ort"], steps["alt_ort"] = graphs.ort_side(alt, feed, want, threads, MAX_ABS_DIFF)
+    sides["eager"] = {"impl": f"{type(ref).__module__}.{type(ref).__qualname__}"}
+    steps["eager"] = graphs.eager_step(ref, (x,))
+    stats, samples = _timed(steps, plan)
+    for name, values in stats.items():
+        sides[name].update(values)
+    return _layer_row(case, opset, sides, samples)
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any] | None) -> float | None:
+    return None if b is None else round(a["ms"] / b["ms"], 3)
+
+
+def _layer_row(
+    case: LayerCase, opset: int, sides: dict[str, dict[str, Any]], samples: Any
+) -> dict[str, Any]:
+    ours, twin, alt = sides["normport_ort"], sides.get("twin_ort"), sides.get("alt_ort")
+    valid = all(side.get("valid", True) for side in sides.values())
+    ratio = _ratio(ours, twin)
+    return {
+        "layer": case.layer,
+        "shape": list(case.shape),
+        "opset": opset,
+        "ratio": ratio,
+        "ok": None if ratio is None else bool(valid and ratio <= RATIO_TARGET),
+        "same_ops": None if twin is None else ours["ops"] == twin["ops"],
+        "ratio_vs_eager": _ratio(ours, sides["eager"]),
+        "fold_ratio": _ratio(ours, alt),
+        "valid": valid,
+        "repeats": len(samples.ms["eager"]),
+        "inner": samples.inner,
+        **sides,
+    }
+
+
+def bench_network(name: str, threads: int, plan: TimingPlan, export_runs: int) -> dict[str, Any]:
+    """One zoo network: export time, then normport ORT vs eager at each batch size."""
+    spec = zoo.get(name)
+    net = spec.build(seed=SEED)
+
+    def run_export() -> onnx.ModelProto:
+        return export.to_onnx(
+            net,
+            spec.example_inputs(2),
+            mode="eval",
+            opset=ZOO_OPSET,
+            dynamic=spec.dynamic_dims,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+        )
+
+    timings = [graphs.seconds(run_export) for _ in range(export_runs)]
+    model = timings[0][0]
+    session = graphs.ort_session(model, threads)
+    batches = []
+    for batch in ZOO_BATCHES:
+        inputs = spec.example_inputs(batch, seed=SEED + 1)
+        feed = {n: t.numpy() for n, t in zip(spec.input_names, inputs, strict=True)}
+        with torch.no_grad():
+            want = graphs.outputs(net(*inputs))
+        diff = graphs.max_abs_diff(session.run(None, feed), want)
+        steps = {
+            "normport_ort": graphs.ort_step(session, feed),
+            "eager": graphs.eager_step(net, inputs),
+        }
+        stats, samples = _timed(steps, plan)
+        stats["normport_ort"].update(
+            max_abs_diff=diff, valid=diff is not None and diff <= MAX_ABS_DIFF
+        )
+        batches.append(
+            {
+                "batch": batch,
+                "input_shapes": {n: list(t.shape) for n, t in feed.items()},
+                "ratio_vs_eager": _ratio(stats["normport_ort"], stats["eager"]),
+                "repeats": len(samples.ms["eager"]),
+                "inner": samples.inner,
+                **stats,
+            }
+        )
+    summary = graphs.graph_summary(model)
+    return {
+        "network": name,
+        "opset": ZOO_OPSET,
+        "dynamic_dims": spec.dynamic_dims,
+        "export_s": min(seconds for _, seconds in timings),
+        "export_runs": export_runs,
+        "node_count": len(summary["ops"]),
+        "functions": summary["functions"],
+        "batches": batches,
+    }
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def metadata(args: argparse.Namespace, plan: TimingPlan) -> dict[str, Any]:
+    """Versions, machine, settings."""
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "threads": args.threads,
+        "torch_threads": torch.get_num_threads(),
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "plan": vars(plan),
+        "onnxruntime_settings": {
+            "providers": ["CPUExecutionProvider"],
+            "intra_op_num_threads": args.threads,
+            "inter_op_num_threads": 1,
+            "graph_optimization_level": "ORT_ENABLE_ALL",
+        },
+        "ratio": "normport_ort.ms / twin_ort.ms",
+        "ratio_target": RATIO_TARGET,
+        "max_abs_diff_limit": MAX_ABS_DIFF,
+        "normport_export": "export.to_onnx(layer, (x,), mode='eval', opset=opset), dynamic batch",
+        "twin_export": "torch.onnx.export(twin, (x,), dynamo=True, opset_version=opset), static",
+        "timer": (
+            "time.perf_counter per step; a sample averages `inner` steps; all sides alternate "
+            "within every round; ms = median over `repeats` rounds, iqr_ms = interquartile range"
+        ),
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(
+        prog="python -m export.bench",
+        description="Time normport's ONNX exports in onnxruntime vs torch.onnx's and eager.",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument("--out", type=Path, default=Path("reports/bench/export.json"))
+    parser.add_argument("--quick", action="store_true", help="few repeats (smoke test)")
+    parser.add_argument("--layers", nargs="+", help="layer names (default: all)")
+    parser.add_argument("--opsets", nargs="+", type=int, help="opsets for every layer")
+    parser.add_argument("--zoo", nargs="+", help="zoo networks (default: all)")
+    parser.add_argument("--no-zoo", action="store_true", help="skip part 2")
+    parser.add_argument("--budget-s", type=float, default=3.0, help="seconds of timing per row")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    split = [name for item in args.layers or [] for name in item.split(",") if name]
+    args.layers = split or None
+    return args
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run both parts, write the JSON report, print the tables; return the report."""
+    args = parse_args(argv)
+    pin_threads(args.threads)
+    plan = (
+        TimingPlan(1, 3, 3, 0.0, 1, 1)
+        if args.quick
+        else TimingPlan(2, 9, 30, args.budget_s, min_inner=1, max_inner=50)
+    )
+    cases = {case.layer: case for case in build_layer_cases()}
+    started = time.perf_counter()
+    rows = []
+    for layer in _pick(list(cases), args.layers, "layer(s)"):
+        for opset in args.opsets or cases[layer].opsets:
+            _log(f"  {layer} opset {opset} ...")
+            rows.append(bench_layer(cases[layer], opset, args.threads, plan))
+    networks = []
+    if not args.no_zoo:
+        for name in _pick(zoo.names(), args.zoo, "zoo network(s)"):
+            _log(f"  zoo {name} ...")
+            networks.append(bench_network(name, args.threads, plan, 1 if args.quick else 2))
+    meta = {**metadata(args, plan), "elapsed_s": round(time.perf_counter() - started, 1)}
+    report = {"metadata": meta, "layers": rows, "zoo": networks}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"Part 1: onnxruntime per layer ({args.threads} thread(s))\n")
+    print(graphs.format_layer_table(rows))
+    if any(row.get("alt_ort") for row in rows):
+        print("\nSequenceBatchNorm eval: folded Mul+Add vs Transpose-BN-Transpose\n")
+        print(graphs.format_fold_table(rows))
+    if networks:
+        print(f"\nPart 2: zoo networks (opset {ZOO_OPSET}, normport eval export)\n")
+        print(graphs.format_zoo_table(networks))
+    slow = [f"{r['layer']}@{r['opset']}" for r in rows if r["ok"] is False]
+    print(f"\n{len(rows)} layer rows; over ratio {RATIO_TARGET} or invalid: {slow or 'none'}")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
