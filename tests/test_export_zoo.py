@@ -128,3 +128,21 @@ def test_zoo_network(name: str, mode: str, opset: int):
         ours = sess.run(None, {**feeds, **_state(_stateful(net, mode))})
         for a, b in zip(ours, ref, strict=True):
             close(a, np.asarray(b), f"{name} {mode}: ReferenceEvaluator", atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["cnn_bn", "transformer_ln"])
+def test_one_file_serves_batch_1_to_64(name: str):
+    spec, net, models = _exported(name, "eval")
+    sess = session(models[23])
+    for batch in (1, 64):
+        inputs = spec.example_inputs(batch, seed=batch)
+        feeds = {k: v.numpy() for k, v in zip(spec.input_names, inputs, strict=True)}
+        with torch.no_grad():
+            expected = net(*inputs)
+        close(
+            sess.run(None, feeds)[0],
+            expected.numpy(),
+            f"{name} batch {batch}",
+            atol=1e-4,
+            rtol=1e-4,
+        )
