@@ -1,13 +1,13 @@
-"""Graph helpers for :mod:`export.bench`: sessions, twin exports, graph summaries, hand graphs.
+"""Helpers for :mod:`export.bench`: sessions, exports, graph summaries, hand graphs, tables.
 
-Kept apart from the benchmark's driver so that each file reads on its own:
-
-* :func:`ort_session`: an onnxruntime CPU session pinned to the benchmark's threads;
+* :func:`ort_session` / :func:`ort_side`: an onnxruntime CPU session pinned to the benchmark's
+  threads, and one benchmarked side (graph summary, agreement with eager, timed step);
 * :func:`export_twin`: ``torch.onnx.export(..., dynamo=True)`` with its chatter silenced;
 * :func:`graph_summary` / :func:`ort_optimized_ops`: which ops a file contains, before and
   after onnxruntime's graph optimizations;
 * :func:`transpose_bn_transpose`: the hand-built alternative to SequenceBatchNorm's folded
-  ``X * scale + shift`` eval lowering.
+  ``X * scale + shift`` eval lowering;
+* ``format_*_table``: the aligned text tables printed to stdout.
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def max_abs_diff(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> float
     return None if np.isnan(worst) else worst
 
 
-# -- output -------------------------------------------------------------------------------------
+# -- text tables --------------------------------------------------------------------------------
 
 
 def _table(header: list[str], body: list[list[str]], left: int) -> str:
@@ -279,10 +279,21 @@ def _ops(side: dict[str, Any] | None) -> str:
     return f"[{side['opset']}] " + ",".join(op.removeprefix("normport.") for op in side["ops"])
 
 
+def _kernels(side: dict[str, Any] | None) -> str:
+    """What onnxruntime runs after optimization: the ops if few, else their count."""
+    if side is None:
+        return "-"
+    ops = side["ort_ops"]
+    if ops is None:
+        return "?"
+    return ",".join(ops) if len(ops) <= 3 else f"{len(ops)} ops"
+
+
 def format_layer_table(rows: list[dict[str, Any]]) -> str:
     """Part 1 as text: times, ratio, the ops each file contains, agreement."""
     header = ["layer", "opset", "normport ms", "twin ms", "eager ms", "ratio", "ok"]
-    header += ["normport ops [file opset]", "twin ops [file opset]", "max|diff|", "valid"]
+    header += ["normport ops [file opset]", "twin ops [file opset]", "ORT runs: normport | twin"]
+    header += ["max|diff|", "valid"]
     body = []
     for row in rows:
         ours, twin = row["normport_ort"], row.get("twin_ort")
@@ -299,6 +310,7 @@ def format_layer_table(rows: list[dict[str, Any]]) -> str:
                 _flag(row["ok"]),
                 _ops(ours),
                 _ops(twin),
+                f"{_kernels(ours)} | {_kernels(twin)}",
                 _num(max(known) if len(known) == len(diffs) else None, ".1e"),
                 _flag(row["valid"]),
             ]

@@ -2,30 +2,23 @@
 
 Run as ``python -m export.bench --threads 1 --out reports/bench/export.json`` (``make bench``).
 
-Part 1, per layer and opset (eval mode, random non-trivial weights and running statistics),
-three sides timed side by side on the same input:
-
-* ``normport_ort``: onnxruntime on ``export.to_onnx(layer, mode="eval", opset=opset)``
-  (normport's defaults: dynamic batch axis);
-* ``twin_ort``: onnxruntime on ``torch.onnx.export(twin, (x,), dynamo=True,
-  opset_version=opset)`` of the torch.nn twin (static shapes, torch.onnx's default).  torch.onnx
-  implements opsets >= 18 only; asked for less it may keep 18, so every row records the opset
-  each file really imports;
-* ``eager``: the torch.nn twin in PyTorch eager under ``no_grad``.
-
-``ratio = normport_ort / twin_ort`` (target <= :data:`RATIO_TARGET`).  Each ORT output is
-compared with the eager output; a side whose ``max_abs_diff`` exceeds :data:`MAX_ABS_DIFF` is
-``valid: false``.  SwitchableNorm2d has no torch.nn twin: normport ORT vs normport eager only.
-SequenceBatchNorm also times ``alt_ort``, a hand-built ``Transpose -> BatchNormalization ->
-Transpose`` graph with the same numbers, against normport's folded ``Mul + Add`` lowering
-(``fold_ratio = normport_ort / alt_ort``).
+Part 1, per layer and opset (eval mode, random non-trivial state), on the same input:
+``normport_ort`` (onnxruntime on ``export.to_onnx(layer, mode="eval", opset=opset)``, dynamic
+batch), ``twin_ort`` (onnxruntime on ``torch.onnx.export(twin, (x,), dynamo=True,
+opset_version=opset)`` of the torch.nn twin; below 18 torch.onnx may keep opset 18, so each
+row records the opset every file really imports) and ``eager`` (the twin under ``no_grad``).
+``ratio``: median over rounds of ``normport_ort / twin_ort`` (same-round samples), target
+<= :data:`RATIO_TARGET`.  Each ORT output is compared with the eager output (``valid`` while
+``max_abs_diff <= MAX_ABS_DIFF``).  SwitchableNorm2d has no twin: normport ORT vs normport
+eager.  SequenceBatchNorm also times ``alt_ort``, a hand-built ``Transpose ->
+BatchNormalization -> Transpose`` graph with the same numbers (``fold_ratio``).
 
 Part 2, per zoo network: onnxruntime on normport's eval export (opset 23, the spec's dynamic
 dims) vs PyTorch eager at batch 1 and 32, plus the time ``export.to_onnx`` takes.
 
 Timing follows :mod:`models.bench`: every round times every side (the order alternates), the
-warmup sizes ``inner`` steps per sample to a time budget, and ``*_ms`` is the median over rounds.
-onnxruntime: CPU, ``intra_op_num_threads=threads``, ``inter_op=1``, ORT_ENABLE_ALL; torch:
+warmup sizes ``inner`` steps per sample to a time budget, ``*_ms`` is the median over rounds.
+onnxruntime: CPU, ``intra_op=threads``, ``inter_op=1``, ORT_ENABLE_ALL; torch:
 ``set_num_threads(threads)``.
 """
 
@@ -35,6 +28,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -172,16 +166,21 @@ def bench_layer(case: LayerCase, opset: int, threads: int, plan: TimingPlan) -> 
     return _layer_row(case, opset, sides, samples)
 
 
-def _ratio(a: dict[str, Any], b: dict[str, Any] | None) -> float | None:
-    return None if b is None else round(a["ms"] / b["ms"], 3)
+def _ratio(samples: Any, side: str, other: str) -> float | None:
+    """Median over rounds of ``side / other``: both were timed in the same round, so a burst of
+    machine load hits the pair alike (steadier than a ratio of medians on a shared machine)."""
+    if other not in samples.ms:
+        return None
+    pairs = zip(samples.ms[side], samples.ms[other], strict=True)
+    return round(statistics.median(a / b for a, b in pairs), 3)
 
 
 def _layer_row(
     case: LayerCase, opset: int, sides: dict[str, dict[str, Any]], samples: Any
 ) -> dict[str, Any]:
-    ours, twin, alt = sides["normport_ort"], sides.get("twin_ort"), sides.get("alt_ort")
+    ours, twin = sides["normport_ort"], sides.get("twin_ort")
     valid = all(side.get("valid", True) for side in sides.values())
-    ratio = _ratio(ours, twin)
+    ratio = _ratio(samples, "normport_ort", "twin_ort")
     return {
         "layer": case.layer,
         "shape": list(case.shape),
@@ -189,8 +188,8 @@ def _layer_row(
         "ratio": ratio,
         "ok": None if ratio is None else bool(valid and ratio <= RATIO_TARGET),
         "same_ops": None if twin is None else ours["ops"] == twin["ops"],
-        "ratio_vs_eager": _ratio(ours, sides["eager"]),
-        "fold_ratio": _ratio(ours, alt),
+        "ratio_vs_eager": _ratio(samples, "normport_ort", "eager"),
+        "fold_ratio": _ratio(samples, "normport_ort", "alt_ort"),
         "valid": valid,
         "repeats": len(samples.ms["eager"]),
         "inner": samples.inner,
@@ -236,7 +235,7 @@ def bench_network(name: str, threads: int, plan: TimingPlan, export_runs: int) -
             {
                 "batch": batch,
                 "input_shapes": {n: list(t.shape) for n, t in feed.items()},
-                "ratio_vs_eager": _ratio(stats["normport_ort"], stats["eager"]),
+                "ratio_vs_eager": _ratio(samples, "normport_ort", "eager"),
                 "repeats": len(samples.ms["eager"]),
                 "inner": samples.inner,
                 **stats,
@@ -278,7 +277,7 @@ def metadata(args: argparse.Namespace, plan: TimingPlan) -> dict[str, Any]:
             "inter_op_num_threads": 1,
             "graph_optimization_level": "ORT_ENABLE_ALL",
         },
-        "ratio": "normport_ort.ms / twin_ort.ms",
+        "ratio": "median over rounds of normport_ort / twin_ort (samples of the same round)",
         "ratio_target": RATIO_TARGET,
         "max_abs_diff_limit": MAX_ABS_DIFF,
         "normport_export": "export.to_onnx(layer, (x,), mode='eval', opset=opset), dynamic batch",
