@@ -72,6 +72,12 @@ def lower(model: onnx.ModelProto, opset: int, elem_type: int) -> list[LayerSpec]
         names = list(node.input) + [""] * (len(TENSOR_NAMES) - len(node.input))
         outs = list(node.output)
         if spec.update_stats:
+            if any(s.path == spec.path and s.update_stats for s in specs):
+                raise ValueError(
+                    f"layer {spec.path or '<root>'!r} ({spec.cls}) is called more than once in "
+                    "one forward: a train-mode export gives each stateful layer one update "
+                    "per step; use a separate module per call"
+                )
             names[3:6], outs[1:4] = _expose_state(graph, em, initializers, spec, names[3:6])
         em.nodes = []
         lowering_for(spec).lower(em, spec, Inputs(*names), outs)

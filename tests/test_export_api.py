@@ -113,12 +113,27 @@ ERRORS = [
         r"the exported graph fails onnx's checks at opset 18: .*Conv.*bfloat16",
     ),
     (
+        "stateful_layer_called_twice",
+        lambda: export.to_onnx(_Twice().train(), torch.randn(3, 4), mode="train"),
+        ValueError,
+        r"layer 'bn' \(BatchNorm1d\) is called more than once in one forward",
+    ),
+    (
         "dynamic_unknown_input",
         lambda: export.to_onnx(_net(), X, mode="eval", dynamic={"image": {0: "batch"}}),
         ValueError,
         r"dynamic names unknown inputs \['image'\]; inputs: \['input'\]",
     ),
 ]
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = models.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.bn(x))
 
 
 def _one_layer_in_train() -> nn.Module:
