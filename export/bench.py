@@ -45,11 +45,11 @@ import export
 import models
 from export import _bench_graphs as graphs
 from models import zoo
-from models.bench import (
+from models.bench.cases import randomize_
+from models.bench.timing import (
     Step,
     TimingPlan,
     pin_threads,
-    randomize_,
     summarize,
     time_cpu,
     time_interleaved,
