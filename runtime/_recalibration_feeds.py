@@ -1,0 +1,149 @@
+"""Feeding a normport training graph in onnxruntime: sessions, state names, checked batches.
+
+A training graph (see :mod:`export._lower`) takes the data inputs first, then for each stateful
+layer ``<path>.running_mean``, ``<path>.running_var`` and ``<path>.num_batches_tracked``
+(initializers that are also inputs), and returns the data outputs, then the same names with
+``.next``.  :func:`state_pairs` finds those pairs from the graph alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+__all__ = [
+    "GraphInput",
+    "batch_feeds",
+    "data_inputs",
+    "initial_state",
+    "session",
+    "state_pairs",
+]
+
+NEXT = ".next"
+
+
+def session(model: onnx.ModelProto, *, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session; one thread by default, so results are reproducible run to run."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # initializer-backed state inputs warn by design
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def state_pairs(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """``(input, output)`` names of the running statistics the graph carries, in input order."""
+    outputs = {o.name for o in model.graph.output}
+    return [(i.name, i.name + NEXT) for i in model.graph.input if i.name + NEXT in outputs]
+
+
+def initial_state(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The statistics the graph was exported with (the state inputs' initializer values)."""
+    values = {t.name: t for t in model.graph.initializer}
+    state = {}
+    for name, _ in state_pairs(model):
+        if name not in values:
+            raise ValueError(f"state input {name!r} has no initializer (its exported value)")
+        state[name] = numpy_helper.to_array(values[name])
+    return state
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    """One data input of a graph: name, numpy dtype and shape (ints, or names for free dims)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str, ...]
+
+    def describe(self) -> str:
+        return f"({', '.join(str(d) for d in self.shape)}) {self.dtype}"
+
+
+def data_inputs(model: onnx.ModelProto) -> list[GraphInput]:
+    """The graph inputs that are neither state nor initializers, in order."""
+    skip = {name for name, _ in state_pairs(model)} | {t.name for t in model.graph.initializer}
+    found = []
+    for value in model.graph.input:
+        if value.name in skip:
+            continue
+        tensor = value.type.tensor_type
+        dims = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in tensor.shape.dim
+        )
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        found.append(GraphInput(value.name, dtype, dims))
+    return found
+
+
+def _convert(value, spec: GraphInput, where: str) -> np.ndarray:
+    array = np.asarray(value)
+    floating = np.issubdtype(spec.dtype, np.floating)
+    if floating and not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(f"{where}: input {spec.name!r} expects {spec.dtype}, got {array.dtype}")
+    if not floating and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{where}: input {spec.name!r} expects {spec.dtype}, got {array.dtype}")
+    if array.ndim != len(spec.shape):
+        raise ValueError(
+            f"{where}: input {spec.name!r} expects rank {len(spec.shape)} {spec.describe()}, "
+            f"got shape {array.shape}"
+        )
+    for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
+        if isinstance(want, int) and want != got:
+            raise ValueError(
+                f"{where}: input {spec.name!r} expects size {want} at axis {axis} "
+                f"{spec.describe()}, got shape {array.shape}"
+            )
+    return np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+
+
+def batch_feeds(batch, inputs: Sequence[GraphInput], where: str) -> dict[str, np.ndarray]:
+    """Check one batch against the graph's data inputs and return the feeds.
+
+    ``batch``: an array (a single-input graph), a sequence of arrays in input order, or a
+    mapping from input name to array.  Floating arrays are cast to the input's float type.
+
+    Raises:
+        ValueError: wrong names, count, rank or a fixed dimension (naming the input).
+        TypeError: integers for a float input or floats for an integer input.
+    """
+    names = [spec.name for spec in inputs]
+    if isinstance(batch, Mapping):
+        unknown = sorted(set(batch) - set(names))
+        missing = [n for n in names if n not in batch]
+        if unknown or missing:
+            raise ValueError(
+                f"{where}: arrays must be named after the graph inputs {names}; "
+                f"unknown {unknown}, missing {missing}"
+            )
+        values = [batch[n] for n in names]
+    elif isinstance(batch, list | tuple):
+        if len(batch) != len(names):
+            raise ValueError(
+                f"{where}: expected {len(names)} array(s) for inputs {names}, got {len(batch)}"
+            )
+        values = list(batch)
+    else:
+        if len(names) != 1:
+            raise ValueError(
+                f"{where}: the graph has {len(names)} inputs {names}; pass a tuple or a "
+                "name -> array mapping, not a single array"
+            )
+        values = [batch]
+    feeds = {spec.name: _convert(v, spec, where) for spec, v in zip(inputs, values, strict=True)}
+    # Only axes the exporter named "batch" must agree (export's dynamic=True and the zoo).
+    sizes = {
+        spec.name: feeds[spec.name].shape[0] for spec in inputs if spec.shape[:1] == ("batch",)
+    }
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"{where}: inputs disagree on the batch size: {sizes}")
+    return feeds

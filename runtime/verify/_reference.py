@@ -1,0 +1,47 @@
+"""The second runtime: ``onnx.reference.ReferenceEvaluator``, with one workaround.
+
+onnx 1.23's reference ``BatchNormalization`` for opsets 9-13 fills in the default ``momentum``
+and then takes its *training* branch (blending batch statistics into the running ones), although
+BatchNormalization before opset 14 is inference-only.  Models at opset >= 14 pick the
+BatchNormalization-14/15 implementation, which is correct; below 14 :class:`BatchNormalization`
+here replaces it with the inference semantics the spec defines.  Remove it when the pinned onnx
+fixes its BatchNormalization-9.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+__all__ = ["BatchNormalization", "default_opset", "reference"]
+
+_FIXED_FROM = 14  # BatchNormalization-14 and later are right in onnx 1.23
+
+
+class BatchNormalization(OpRun):
+    """Inference BatchNormalization: ``(x - mean) / sqrt(var + epsilon) * scale + bias``."""
+
+    op_domain = ""
+
+    def _run(self, x, scale, bias, mean, var, epsilon=1e-5, momentum=None, training_mode=0):
+        if training_mode:
+            raise NotImplementedError("BatchNormalization with training_mode=1 below opset 14")
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + epsilon)
+        return ((y * scale.reshape(shape) + bias.reshape(shape)).astype(x.dtype),)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default ("" / "ai.onnx") domain the model imports."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise ValueError("the model imports no default-domain opset")
+
+
+def reference(model: onnx.ModelProto) -> ReferenceEvaluator:
+    """A ReferenceEvaluator for ``model`` (its local functions included)."""
+    new_ops = [BatchNormalization] if default_opset(model) < _FIXED_FROM else None
+    return ReferenceEvaluator(model, new_ops=new_ops)

@@ -1,0 +1,384 @@
+"""The parity matrix: PyTorch vs the exported graphs, cell by cell.
+
+One :class:`Cell` per subject x opset x dtype x mode x runtime:
+
+==============  ===============  ==========================================================
+mode            runtime          compared with PyTorch
+==============  ===============  ==========================================================
+``eval``        ``onnxruntime``  the outputs, on two batches of different sizes
+``eval``        ``reference``    the outputs (``onnx.reference.ReferenceEvaluator``), batch 1
+``train``       ``onnxruntime``  the outputs and every updated running statistic after each
+                                 of K training steps, the graph's ``.next`` outputs fed back
+                                 (step 0 runs on the exported defaults)
+``recalibrate`` ``onnxruntime``  :func:`runtime.recalibrate` on the train graph over three
+                                 shifted batches, then the eval graph it returns on a held-out
+                                 batch, vs PyTorch's train-mode passes then eval
+==============  ===============  ==========================================================
+
+A cell *passes* when every compared value is within :mod:`runtime.verify.tolerances`; it is
+*skipped* (never counted as a pass) only when the runtime reports it cannot run the graph
+(onnxruntime ``NOT_IMPLEMENTED``, ``NotImplementedError`` from the reference evaluator).
+Every other error fails the cell, with the error as its reason.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
+from torch import Tensor, nn
+
+import export
+import models
+from runtime._recalibration_feeds import session, state_pairs
+from runtime.recalibration import recalibrate
+from runtime.verify._reference import reference
+from runtime.verify.subjects import Subject
+from runtime.verify.tolerances import Tolerance, tolerance
+
+__all__ = [
+    "DTYPES",
+    "EVAL_BATCHES",
+    "MODES",
+    "Cell",
+    "Check",
+    "compare",
+    "run_subject",
+    "train_batches",
+]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+MODES = ("eval", "train", "recalibrate")
+RUNTIMES = {
+    "eval": ("onnxruntime", "reference"),
+    "train": ("onnxruntime",),
+    "recalibrate": ("onnxruntime",),
+}
+
+# (batch_size, seed, alt): alt draws other sizes of the non-batch dynamic axes.
+EXPORT_BATCH = (4, 0, False)
+EVAL_BATCHES = ((4, 11, False), (1, 12, True))
+_TRAIN_SIZES = (4, 7, 3, 5, 6, 2)
+RECALIBRATION_BATCHES = ((6, 31, False), (3, 32, False), (8, 33, False))
+HELD_OUT = (5, 41, False)
+# Recalibration data comes from another "domain": floats mapped x -> SCALE * x + SHIFT.
+SHIFT, SCALE = 0.5, 1.5
+
+
+def train_batches(steps: int) -> tuple[tuple[int, int, bool], ...]:
+    """K training steps: varying batch sizes, the second one with other spatial sizes."""
+    return tuple((_TRAIN_SIZES[k % len(_TRAIN_SIZES)], 21 + k, k == 1) for k in range(steps))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One compared value: an output or a running statistic, at one step."""
+
+    quantity: str
+    step: int
+    max_abs: float
+    max_rel: float
+    ratio: float  # max |a - e| / (atol + rtol |e|): <= 1 passes
+    ok: bool
+
+
+def compare(actual, expected, tol: Tolerance, quantity: str, step: int) -> Check:
+    """``max |a - e|``, ``max |a - e| / max(|e|, atol)`` and the ``isclose`` verdict.
+
+    Integers must be equal; a shape mismatch or a non-finite value where PyTorch has a finite
+    one fails with infinite errors.
+    """
+    a = np.asarray(actual)
+    e = np.asarray(expected)
+    inf = float("inf")
+    if a.shape != e.shape:
+        return Check(quantity, step, inf, inf, inf, False)
+    if np.issubdtype(e.dtype, np.integer):
+        diff = np.abs(a.astype(np.int64) - e.astype(np.int64)).astype(np.float64)
+        worst = float(diff.max(initial=0.0))
+        return Check(quantity, step, worst, worst, inf if worst else 0.0, worst == 0.0)
+    a, e = a.astype(np.float64), e.astype(np.float64)
+    diff = np.abs(a - e)
+    finite = bool(np.all(np.isfinite(a) == np.isfinite(e)))
+    diff = np.where(np.isfinite(diff), diff, np.where(a == e, 0.0, np.inf))
+    max_abs = float(diff.max(initial=0.0))
+    max_rel = float((diff / np.maximum(np.abs(e), tol.atol)).max(initial=0.0))
+    allowed = tol.atol + tol.rtol * np.abs(e)
+    ratio = float((diff / allowed).max(initial=0.0))
+    ok = finite and bool(np.all(diff <= allowed))
+    return Check(quantity, step, max_abs, max_rel, ratio if finite else inf, ok)
+
+
+@dataclass
+class Cell:
+    """One cell of the matrix; ``status`` is ``pass``, ``fail`` or ``skipped``."""
+
+    subject: str
+    kind: str
+    opset: int
+    dtype: str
+    mode: str
+    runtime: str
+    atol: float
+    rtol: float
+    status: str = "pass"
+    reason: str = ""
+    batches: list[dict] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return f"{self.subject}/{self.mode}/{self.runtime}/{self.dtype}/opset{self.opset}"
+
+    @property
+    def worst(self) -> Check | None:
+        return max(self.checks, key=lambda c: (not c.ok, c.max_abs), default=None)
+
+    def finish(self) -> Cell:
+        failing = [c for c in self.checks if not c.ok]
+        if self.status == "pass" and failing:
+            self.status = "fail"
+            c = failing[0]
+            self.reason = (
+                f"{c.quantity} at step {c.step}: max abs error {c.max_abs:.3g} > tolerance "
+                f"(atol {self.atol:g}, rtol {self.rtol:g})"
+            )
+        return self
+
+    def to_json(self) -> dict:
+        worst = self.worst
+        return {
+            "id": self.id,
+            **{k: v for k, v in asdict(self).items() if k != "checks"},
+            "max_abs": None if worst is None else worst.max_abs,
+            "max_rel": None if worst is None else max(c.max_rel for c in self.checks),
+            "worst": None if worst is None else f"{worst.quantity}@{worst.step}",
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+
+# -- inputs and the PyTorch side -------------------------------------------------------------
+
+
+def _draw(subject: Subject, spec: tuple[int, int, bool], shift: bool = False) -> tuple:
+    inputs = subject.inputs(*spec)
+    if shift:
+        inputs = tuple(t * SCALE + SHIFT if t.is_floating_point() else t for t in inputs)
+    return inputs
+
+
+def _torch_side(inputs: tuple[Tensor, ...], dtype: str) -> tuple[Tensor, ...]:
+    """float16 rows: the reference sees the half-rounded input, in float64."""
+    if dtype == "float32":
+        return inputs
+    return tuple(t.half().double() if t.is_floating_point() else t for t in inputs)
+
+
+def _feeds(names: Sequence[str], inputs: tuple[Tensor, ...], dtype: str) -> dict:
+    cast = DTYPES[dtype]
+    return {
+        n: (t.to(cast) if t.is_floating_point() else t).numpy()
+        for n, t in zip(names, inputs, strict=True)
+    }
+
+
+def _reference_module(module: nn.Module, dtype: str) -> nn.Module:
+    ref = copy.deepcopy(module)
+    return ref if dtype == "float32" else ref.half().double()
+
+
+def _outputs(value) -> list[np.ndarray]:
+    values = value if isinstance(value, tuple | list) else (value,)
+    return [v.detach().numpy() for v in values]
+
+
+# -- the runtimes -----------------------------------------------------------------------------
+
+
+def _skip_reason(err: Exception) -> str | None:
+    if isinstance(err, OrtNotImplemented | NotImplementedError):
+        return str(err).strip().splitlines()[0][:300] or type(err).__name__
+    return None
+
+
+def _guarded(cell: Cell, body: Callable[[], None]) -> Cell:
+    try:
+        body()
+    except Exception as err:  # a runtime error is the cell's result, never a crash
+        skip = _skip_reason(err)
+        cell.status = "skipped" if skip else "fail"
+        cell.reason = f"skipped: {skip}" if skip else f"{type(err).__name__}: {err}"[:500]
+    return cell.finish()
+
+
+def _data_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    state = {name for pair in state_pairs(model) for name in pair}
+    inits = {t.name for t in model.graph.initializer}
+    ins = [i.name for i in model.graph.input if i.name not in state | inits]
+    outs = [o.name for o in model.graph.output if o.name not in state]
+    return ins, outs
+
+
+def _eval_cells(subject, module, models_, dtype, tol, new_cell) -> list[Cell]:
+    ref = _reference_module(module, dtype).eval()
+    batches = [_draw(subject, spec) for spec in EVAL_BATCHES]
+    with torch.no_grad():
+        expected = [_outputs(ref(*_torch_side(b, dtype))) for b in batches]
+    cells = []
+    for opset, model in models_.items():
+        in_names, out_names = _data_names(model)
+        for runtime in RUNTIMES["eval"]:
+            used = EVAL_BATCHES if runtime == "onnxruntime" else EVAL_BATCHES[:1]
+            cell = new_cell(opset, "eval", runtime, used)
+
+            def body(cell=cell, model=model, runtime=runtime, ins=in_names, outs=out_names):
+                run = session(model).run if runtime == "onnxruntime" else reference(model).run
+                for step, batch in enumerate(batches[: len(cell.batches)]):
+                    got = run(None, _feeds(ins, batch, dtype))
+                    for name, a, e in zip(outs, got, expected[step], strict=True):
+                        cell.checks.append(compare(a, e, tol, name, step))
+
+            cells.append(_guarded(cell, body))
+    return cells
+
+
+def _train_cells(subject, module, models_, dtype, tol, steps, new_cell) -> list[Cell]:
+    specs = train_batches(steps)
+    batches = [_draw(subject, spec) for spec in specs]
+    ref = _reference_module(module, dtype).train()
+    expected = []
+    with torch.no_grad():
+        for batch in batches:
+            outs = _outputs(ref(*_torch_side(batch, dtype)))
+            buffers = {n: b.detach().numpy().copy() for n, b in ref.named_buffers()}
+            expected.append((outs, buffers))
+    cells = []
+    for opset, model in models_.items():
+        in_names, out_names = _data_names(model)
+        pairs = state_pairs(model)
+        cell = new_cell(opset, "train", "onnxruntime", specs)
+
+        def body(cell=cell, model=model, in_names=in_names, out_names=out_names, pairs=pairs):
+            sess = session(model)
+            state: dict[str, np.ndarray] = {}  # step 0: the exported defaults
+            for step, batch in enumerate(batches):
+                got = sess.run(None, {**_feeds(in_names, batch, dtype), **state})
+                named = dict(zip(out_names + [o for _, o in pairs], got, strict=True))
+                outs, buffers = expected[step]
+                for name, e in zip(out_names, outs, strict=True):
+                    cell.checks.append(compare(named[name], e, tol, name, step))
+                for name, out in pairs:
+                    if name not in buffers:
+                        raise KeyError(f"state {name!r} is no buffer of the PyTorch module")
+                    cell.checks.append(compare(named[out], buffers[name], tol, name, step))
+                state = {name: named[out] for name, out in pairs}
+
+        cells.append(_guarded(cell, body))
+    return cells
+
+
+def _recalibration_cells(subject, module, models_, dtype, tol, new_cell) -> list[Cell]:
+    batches = [_draw(subject, spec, shift=True) for spec in RECALIBRATION_BATCHES]
+    held_out = _draw(subject, HELD_OUT, shift=True)
+    ref = _reference_module(module, dtype).train()
+    with torch.no_grad():
+        for batch in batches:
+            ref(*_torch_side(batch, dtype))
+        expected = _outputs(ref.eval()(*_torch_side(held_out, dtype)))
+    cells = []
+    for opset, model in models_.items():
+        in_names, out_names = _data_names(model)
+        cell = new_cell(opset, "recalibrate", "onnxruntime", (*RECALIBRATION_BATCHES, HELD_OUT))
+
+        def body(cell=cell, model=model, in_names=in_names, out_names=out_names) -> None:
+            eval_model = recalibrate(model, [_feeds(in_names, b, dtype) for b in batches])
+            got = session(eval_model).run(None, _feeds(in_names, held_out, dtype))
+            for name, a, e in zip(out_names, got, expected, strict=True):
+                cell.checks.append(compare(a, e, tol, name, len(batches)))
+
+        cells.append(_guarded(cell, body))
+    return cells
+
+
+# -- one subject ------------------------------------------------------------------------------
+
+
+def _export(subject: Subject, module: nn.Module, mode: str, opsets, dtype: str):
+    work = copy.deepcopy(module)
+    if subject.convert:
+        work = models.convert(work, to="normport")
+    work.train(mode == "train")
+    return export.to_onnx_opsets(
+        work,
+        _draw(subject, EXPORT_BATCH),
+        mode=mode,
+        opsets=list(opsets),
+        dtype=DTYPES[dtype] if dtype != "float32" else None,
+        dynamic=subject.dynamic,
+        input_names=subject.input_names,
+        output_names=subject.output_names,
+    )
+
+
+def run_subject(
+    subject: Subject,
+    opsets: Sequence[int],
+    dtypes: Sequence[str] = tuple(DTYPES),
+    modes: Sequence[str] = MODES,
+    steps: int = 3,
+) -> list[Cell]:
+    """Every cell of one subject. Exports once per dtype and mode (all opsets per trace)."""
+    module = subject.factory()
+    stateful = bool(subject.stateful(module))
+    cells: list[Cell] = []
+    for dtype in dtypes:
+        tol = tolerance(dtype, subject.scope)
+
+        def new_cell(opset, mode, runtime, specs, dtype=dtype, tol=tol) -> Cell:
+            batches = [{"batch_size": b, "seed": s, "alt": a} for b, s, a in specs]
+            return Cell(
+                subject.name, subject.kind, opset, dtype, mode, runtime, tol.atol, tol.rtol,
+                batches=batches,
+            )  # fmt: skip
+
+        for export_mode in ("eval", "train"):
+            wanted = [m for m in modes if m == export_mode]
+            if export_mode == "train" and stateful and "recalibrate" in modes:
+                wanted.append("recalibrate")
+            if not wanted:
+                continue
+            try:
+                exported = _export(subject, module, export_mode, opsets, dtype)
+            except Exception as err:  # the export is part of what is verified
+                cells += _failed(wanted, opsets, new_cell, f"export failed: {err}")
+                continue
+            for mode in wanted:
+                try:
+                    if mode == "eval":
+                        found = _eval_cells(subject, module, exported, dtype, tol, new_cell)
+                    elif mode == "train":
+                        found = _train_cells(subject, module, exported, dtype, tol, steps, new_cell)
+                    else:
+                        found = _recalibration_cells(
+                            subject, module, exported, dtype, tol, new_cell
+                        )
+                except Exception as err:  # PyTorch itself rejected the batches
+                    found = _failed([mode], opsets, new_cell, f"PyTorch reference failed: {err}")
+                cells += found
+    return cells
+
+
+def _failed(modes: Sequence[str], opsets: Sequence[int], new_cell, reason: str) -> list[Cell]:
+    cells = []
+    for mode in modes:
+        for runtime in RUNTIMES[mode]:
+            for opset in opsets:
+                cell = new_cell(opset, mode, runtime, [])
+                cell.status, cell.reason = "fail", reason[:500]
+                cells.append(cell)
+    return cells

@@ -1,0 +1,344 @@
+"""What is verified: standalone layers, the zoo networks, and a user's own module.
+
+A :class:`Subject` builds a fresh module (eval mode, deterministic) and draws batches of inputs
+of any batch size.  Three sources:
+
+- :data:`LAYERS`: one standalone normport layer per layer type and configuration, with random
+  non-trivial parameters and running statistics (never ``gamma = 1``, ``beta = 0``,
+  ``mean = 0``, ``var = 1``).  Their data has known per-channel statistics
+  (:attr:`Subject.data_stats`), so the divergence study can say where running statistics should
+  converge.
+- the zoo (:mod:`models.zoo`): every network, built with ``seed=0``.
+- ``--module pkg.mod:factory`` (:func:`from_factory`).  **Factory contract**: a callable with no
+  required arguments returning either
+
+  * ``(module, example_inputs)``: ``example_inputs`` a tensor or a tuple of tensors, one batch
+    with its batch axis first; or
+  * a module with an ``example_inputs(batch_size: int, seed: int)`` method returning such a
+    tuple.
+
+  The module's normalization layers may be normport layers or torch.nn ones with a normport twin
+  (BatchNorm*, InstanceNorm*, LayerNorm, GroupNorm, RMSNorm): the export side then uses
+  ``models.convert(module, to="normport")`` while the PyTorch side keeps running the user's own
+  torch.nn layers.  Axis 0 of every input is exported as the dynamic batch axis.  With only
+  ``example_inputs`` to go on, batches of other sizes are resampled from it: float inputs as
+  ``mean + std * N(0, 1)`` with the example's per-feature mean and std, integer inputs drawn
+  uniformly from the example's value range.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+import models
+from export._placeholder import kind_of
+from models import zoo
+
+__all__ = ["LAYERS", "Subject", "from_factory", "get", "layer_names", "names", "zoo_subject"]
+
+InputFn = Callable[[int, int, bool], tuple[Tensor, ...]]  # (batch_size, seed, alt_sizes)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One thing to verify.
+
+    Attributes:
+        name: ``BatchNorm2d-momentum``, ``cnn_bn``, ``pkg.mod:factory``.
+        kind: ``"layer"``, ``"network"`` or ``"module"`` (a user's; tolerances as networks).
+        family: the layer type for the divergence study (``"BatchNorm2d"``), or the name.
+        description: one line.
+        factory: a fresh module in eval mode; the one PyTorch runs.
+        inputs: ``(batch_size, seed, alt)`` -> one batch; ``alt`` picks other sizes for the
+            non-batch dynamic axes (several shapes through one exported file).
+        input_names, output_names: graph names (None: the exporter's defaults).
+        dynamic: ``{input: {axis: name}}`` for the export.
+        channel_axis: layers only: the axis statistics are kept per.
+        data_stats: layers only: the data's per-channel ``(mean, variance)``.
+        convert: export ``models.convert(module, to="normport")`` (torch.nn norms inside).
+    """
+
+    name: str
+    kind: str
+    family: str
+    description: str
+    factory: Callable[[], nn.Module] = field(repr=False)
+    inputs: InputFn = field(repr=False)
+    input_names: tuple[str, ...] | None = None
+    output_names: tuple[str, ...] | None = None
+    dynamic: dict[str, dict[int, str]] | bool = True
+    channel_axis: int | None = None
+    data_stats: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    convert: bool = False
+
+    @property
+    def scope(self) -> str:
+        """Tolerance scope: ``"layer"`` or ``"network"``."""
+        return "layer" if self.kind == "layer" else "network"
+
+    def stateful(self, module: nn.Module) -> dict[str, nn.Module]:
+        """The layers of ``module`` that keep running statistics, by module path."""
+        return {
+            path: m
+            for path, m in module.named_modules()
+            if getattr(m, "track_running_stats", False)
+            and getattr(m, "num_batches_tracked", None) is not None
+        }
+
+
+# -- standalone layers ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def randomize(module: nn.Module, seed: int) -> nn.Module:
+    """Random non-trivial parameters and running statistics, deterministic in ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        values = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        if name.endswith("weight") and name not in ("mean_weight", "var_weight"):
+            values = 1.0 + 0.5 * values
+        p.copy_(values.to(p.dtype))
+    for name, b in module.named_buffers():
+        if name.endswith("running_mean"):
+            b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64).to(b.dtype))
+        elif name.endswith("running_var"):
+            b.copy_(0.5 + 1.5 * torch.rand(b.shape, generator=gen, dtype=torch.float64))
+        elif name.endswith("num_batches_tracked"):
+            b.fill_(3)
+    return module.eval()
+
+
+def _seed(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+@dataclass(frozen=True)
+class _LayerCase:
+    name: str
+    family: str
+    make: Callable[[], nn.Module]
+    shape: tuple[int, ...]  # batch axis first; its size is replaced
+    alt: tuple[int, ...]  # another size of every non-batch dynamic axis
+    channel_axis: int
+    dynamic_axes: tuple[int, ...]
+
+
+_IMAGE, _IMAGE_ALT = (4, 6, 5, 5), (4, 6, 7, 4)
+_SEQ, _SEQ_ALT = (4, 7, 6), (4, 3, 6)
+_TOKENS, _TOKENS_ALT = (4, 5, 8), (4, 2, 8)
+
+_CASES = (
+    _LayerCase(
+        "BatchNorm2d-momentum", "BatchNorm2d", lambda: models.BatchNorm2d(6), _IMAGE, _IMAGE_ALT,
+        1, (0, 2, 3),
+    ),
+    _LayerCase(
+        "BatchNorm2d-cumulative", "BatchNorm2d",
+        lambda: models.BatchNorm2d(6, momentum=None, eps=1e-3), _IMAGE, _IMAGE_ALT, 1, (0, 2, 3),
+    ),
+    _LayerCase(
+        "BatchNorm1d-no_affine", "BatchNorm1d",
+        lambda: models.BatchNorm1d(5, affine=False, momentum=0.3), (4, 5, 9), (4, 5, 4), 1,
+        (0, 2),
+    ),
+    _LayerCase(
+        "SequenceBatchNorm", "SequenceBatchNorm", lambda: models.SequenceBatchNorm(6), _SEQ,
+        _SEQ_ALT, -1, (0, 1),
+    ),
+    _LayerCase(
+        "InstanceNorm2d-tracked", "InstanceNorm2d (tracked)",
+        lambda: models.InstanceNorm2d(6, affine=True, track_running_stats=True), _IMAGE,
+        _IMAGE_ALT, 1, (0, 2, 3),
+    ),
+    _LayerCase(
+        "InstanceNorm2d-untracked", "InstanceNorm2d (untracked)",
+        lambda: models.InstanceNorm2d(6, affine=True), _IMAGE, _IMAGE_ALT, 1, (0, 2, 3),
+    ),
+    _LayerCase(
+        "GroupNorm", "GroupNorm", lambda: models.GroupNorm(3, 6), _IMAGE, _IMAGE_ALT, 1,
+        (0, 2, 3),
+    ),
+    _LayerCase(
+        "LayerNorm", "LayerNorm", lambda: models.LayerNorm(8), _TOKENS, _TOKENS_ALT, -1, (0, 1),
+    ),
+    _LayerCase(
+        "RMSNorm", "RMSNorm", lambda: models.RMSNorm(8, eps=1e-6), _TOKENS, _TOKENS_ALT, -1,
+        (0, 1),
+    ),
+    _LayerCase(
+        "SwitchableNorm2d-momentum", "SwitchableNorm2d", lambda: models.SwitchableNorm2d(6),
+        _IMAGE, _IMAGE_ALT, 1, (0, 2, 3),
+    ),
+    _LayerCase(
+        "SwitchableNorm2d-cumulative", "SwitchableNorm2d",
+        lambda: models.SwitchableNorm2d(6, momentum=None), _IMAGE, _IMAGE_ALT, 1, (0, 2, 3),
+    ),
+)  # fmt: skip
+
+
+def _layer_subject(case: _LayerCase) -> Subject:
+    """Data ``x = mean_c + std_c * N(0, 1)`` per channel, away from 0 and 1 on purpose."""
+    gen = torch.Generator().manual_seed(_seed(case.name) + 1)
+    channels = case.shape[case.channel_axis]
+    mean = 1.0 + torch.randn(channels, generator=gen, dtype=torch.float64)
+    std = 0.5 + 2.0 * torch.rand(channels, generator=gen, dtype=torch.float64)
+    view = [1] * len(case.shape)
+    view[case.channel_axis] = channels
+
+    def inputs(batch_size: int, seed: int, alt: bool = False) -> tuple[Tensor]:
+        shape = (batch_size, *(case.alt if alt else case.shape)[1:])
+        z = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return ((mean.view(view) + std.view(view) * z).float(),)
+
+    return Subject(
+        name=case.name,
+        kind="layer",
+        family=case.family,
+        description=repr(case.make()),
+        factory=lambda: randomize(case.make(), _seed(case.name)),
+        inputs=inputs,
+        input_names=("input",),
+        output_names=("output",),
+        dynamic={"input": {a: f"d{a}" if a else "batch" for a in case.dynamic_axes}},
+        channel_axis=case.channel_axis,
+        data_stats=(mean, std.square()),
+    )
+
+
+LAYERS: dict[str, Subject] = {case.name: _layer_subject(case) for case in _CASES}
+
+
+def layer_names() -> list[str]:
+    return list(LAYERS)
+
+
+# -- zoo networks -----------------------------------------------------------------------------
+
+
+def zoo_subject(name: str) -> Subject:
+    spec = zoo.get(name)
+    alt_dims = {k: v + 4 for k, v in spec.dims.items()}
+
+    def inputs(batch_size: int, seed: int, alt: bool = False) -> tuple[Tensor, ...]:
+        return spec.example_inputs(batch_size, seed=seed, **(alt_dims if alt else {}))
+
+    return Subject(
+        name=name,
+        kind="network",
+        family=name,
+        description=spec.description,
+        factory=lambda: spec.build(seed=0),
+        inputs=inputs,
+        input_names=spec.input_names,
+        output_names=spec.output_names,
+        dynamic=spec.dynamic_dims,
+    )
+
+
+def names() -> list[str]:
+    """Every built-in subject: the layers, then the zoo networks."""
+    return layer_names() + zoo.names()
+
+
+def get(name: str) -> Subject:
+    """A layer or zoo subject by name.
+
+    Raises:
+        KeyError: unknown name (the message lists the known ones).
+    """
+    if name in LAYERS:
+        return LAYERS[name]
+    if name in zoo.names():
+        return zoo_subject(name)
+    raise KeyError(f"unknown model {name!r}; known: {', '.join(names())}")
+
+
+# -- a user's module --------------------------------------------------------------------------
+
+
+def _as_inputs(value, where: str) -> tuple[Tensor, ...]:
+    inputs = (value,) if isinstance(value, Tensor) else tuple(value)
+    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        raise TypeError(f"{where}: expected a tensor or a tuple of tensors")
+    return inputs
+
+
+def _resampler(example: tuple[Tensor, ...]) -> InputFn:
+    def inputs(batch_size: int, seed: int, alt: bool = False) -> tuple[Tensor, ...]:
+        gen = torch.Generator().manual_seed(seed)
+        drawn = []
+        for t in example:
+            shape = (batch_size, *t.shape[1:])
+            if t.is_floating_point():
+                mean = t.double().mean(0)
+                std = t.double().std(0) if t.shape[0] > 1 else t.double().std()
+                z = torch.randn(shape, generator=gen, dtype=torch.float64)
+                drawn.append((mean + std * z).to(t.dtype))
+            else:
+                low, high = int(t.min()), int(t.max()) + 1
+                drawn.append(torch.randint(low, high, shape, generator=gen, dtype=t.dtype))
+        return tuple(drawn)
+
+    return inputs
+
+
+def _needs_convert(module: nn.Module) -> bool:
+    torch_norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+    return any(isinstance(m, torch_norms) and kind_of(m) is None for m in module.modules())
+
+
+def from_factory(target: str) -> Subject:
+    """A subject from ``"pkg.mod:factory"`` (contract in this module's docstring).
+
+    Raises:
+        ValueError: ``target`` is not ``module:attribute``, or the module is not importable.
+        TypeError: the factory returns something else than the contract says.
+    """
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--module expects 'pkg.mod:factory', got {target!r}")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"--module {target!r}: {err}") from err
+    if not callable(factory):
+        raise TypeError(f"--module {target!r}: {attr!r} is not callable")
+
+    def build() -> tuple[nn.Module, InputFn]:
+        made = factory()
+        if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
+            module, example = made[0], _as_inputs(made[1], f"{target} example_inputs")
+            return module.eval(), _resampler(example)
+        if isinstance(made, nn.Module) and callable(getattr(made, "example_inputs", None)):
+            params = inspect.signature(made.example_inputs).parameters
+            method = made.example_inputs
+            if "seed" not in params:
+                raise TypeError(f"{target}: example_inputs must accept (batch_size, seed)")
+
+            def inputs(batch_size: int, seed: int, alt: bool = False) -> tuple[Tensor, ...]:
+                return _as_inputs(method(batch_size, seed=seed), f"{target} example_inputs")
+
+            return made.eval(), inputs
+        raise TypeError(
+            f"{target}: the factory must return (module, example_inputs) or a module with an "
+            f"example_inputs(batch_size, seed) method, got {type(made).__name__}"
+        )
+
+    module, input_fn = build()  # once: a factory need not be deterministic
+    return Subject(
+        name=target,
+        kind="module",
+        family=target,
+        description=f"{type(module).__module__}.{type(module).__qualname__}",
+        factory=lambda: copy.deepcopy(module),
+        inputs=input_fn,
+        convert=_needs_convert(module),
+    )
