@@ -1,0 +1,225 @@
+"""The Starlette app: routes registered in one function, thin handlers, one error shape.
+
+Every error, including Starlette's own 404/405, is ``{"error": "<message>"}`` (tritonclient
+decodes every non-200 body as JSON and reads ``["error"]``); statuses come from
+:func:`runtime.serve.errors.http_status`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from runtime.serve import inference
+from runtime.serve.body import DEFAULT_MAX_BODY_BYTES, read_body
+from runtime.serve.errors import BadRequest, ServeError, ServerNotReady, http_status
+from runtime.serve.metrics import CONTENT_TYPE, Metrics
+from runtime.serve.repository import ModelVersion, Repository
+
+__all__ = ["EXTENSIONS", "SERVER_NAME", "create_app"]
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "normport"
+# Only what is served in full.  Not listed: model_repository (index only; no load/unload).
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+_INDEX_BODY_LIMIT = 64 * 1024
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status, media_type="application/json")
+
+
+@functools.cache
+def _server_version() -> str:
+    try:
+        return metadata.version("normport")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+@dataclass
+class _Server:
+    repository: Repository
+    metrics: Metrics
+    max_body_bytes: int
+    strict_readiness: bool
+    stopping: bool = False
+
+
+class _Handlers:
+    """The endpoints; each resolves its model, calls one function and returns JSON."""
+
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.repo = server.repository
+
+    def _model(self, request: Request) -> ModelVersion:
+        params = request.path_params
+        return self.repo.resolve(params["model"], params.get("version"))
+
+    async def live(self, request: Request) -> Response:
+        return _json({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        if self.server.stopping:
+            raise ServerNotReady("the server is shutting down")
+        if self.server.strict_readiness and not self.repo.all_ready:
+            raise ServerNotReady("not every model is ready (see POST /v2/repository/index)")
+        return _json({"ready": True})
+
+    async def server_metadata(self, request: Request) -> Response:
+        return _json(
+            {"name": SERVER_NAME, "version": _server_version(), "extensions": list(EXTENSIONS)}
+        )
+
+    async def model_metadata(self, request: Request) -> Response:
+        model = self._model(request)
+        return _json(model.spec.metadata(self.repo.ready_versions(model.name)))
+
+    async def model_ready(self, request: Request) -> Response:
+        model = self._model(request)
+        return _json({"name": model.name, "version": model.version, "ready": True})
+
+    async def model_config(self, request: Request) -> Response:
+        model = self._model(request)
+        return _json(model.spec.config_json(model.session.device_kind))
+
+    async def infer(self, request: Request) -> Response:
+        if self.server.stopping:
+            raise ServerNotReady("the server is shutting down")
+        model = self._model(request)
+        return await inference.infer(model, request, self.server.max_body_bytes)
+
+    async def statistics(self, request: Request) -> Response:
+        params = request.path_params
+        if "model" not in params:
+            chosen = [v for v in self.repo.versions() if v.ready]
+        elif "version" in params:
+            chosen = [self._model(request)]
+        else:
+            self._model(request)  # 404 / 503 for an unknown or unloaded model
+            chosen = [v for v in self.repo.models[params["model"]].values() if v.ready]
+        return _json({"model_stats": [v.stats.json() for v in chosen]})
+
+    async def repository_index(self, request: Request) -> Response:
+        body = await read_body(request, _INDEX_BODY_LIMIT)
+        options = {}
+        if body.strip():
+            try:
+                options = orjson.loads(body)
+            except orjson.JSONDecodeError as e:
+                raise BadRequest(f"malformed repository index request JSON: {e}") from None
+        if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
+            raise BadRequest('the repository index request must be {"ready": true|false}')
+        return _json(self.repo.index(ready_only=options.get("ready", False)))
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.server.metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+def routes(h: _Handlers) -> list[BaseRoute]:
+    """Every route.  Infer first (routes are matched in order, and it is the hot path);
+    ``/v2/models/stats`` before ``/v2/models/{model}``."""
+    versioned = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
+    table: list[tuple[str, Any, str]] = [(f"{base}/infer", h.infer, "POST") for base in versioned]
+    table += [
+        ("/v2/health/live", h.live, "GET"),
+        ("/v2/health/ready", h.ready, "GET"),
+        ("/v2", h.server_metadata, "GET"),
+        ("/v2/models/stats", h.statistics, "GET"),
+        ("/v2/repository/index", h.repository_index, "POST"),
+        ("/metrics", h.metrics, "GET"),
+    ]
+    for base in versioned:
+        table += [
+            (base, h.model_metadata, "GET"),
+            (f"{base}/ready", h.model_ready, "GET"),
+            (f"{base}/config", h.model_config, "GET"),
+            (f"{base}/stats", h.statistics, "GET"),
+        ]
+    return [Route(path, endpoint, methods=[method]) for path, endpoint, method in table]
+
+
+async def _serve_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ServeError)
+    return _json({"error": str(exc)}, http_status(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    response = _json({"error": exc.detail}, exc.status_code)
+    response.headers.update(exc.headers or {})
+    return response
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _json({"error": f"internal server error ({type(exc).__name__})"}, 500)
+
+
+def create_app(
+    repository: str | os.PathLike,
+    *,
+    threads: int = 0,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    batching: bool = True,
+    providers: Sequence[str] | None = None,
+    strict_readiness: bool = False,
+) -> Starlette:
+    """Load every model of ``repository`` and return the ASGI app serving them.
+
+    Args:
+        repository: the model repository folder (``make export`` writes one).
+        threads: onnxruntime intra-op threads per model (0: onnxruntime's default).
+        max_body_bytes: request body limit, compressed and decompressed (then 413).
+        batching: False turns dynamic batching off for every model.
+        providers: onnxruntime execution providers (default: CUDA when available, else CPU).
+        strict_readiness: ``/v2/health/ready`` only when every model loaded (Triton's default);
+            otherwise ready once loading is done, failed models showing in the index.
+
+    Raises:
+        ValueError: ``repository`` is not a folder, or a bad option.
+    """
+    if max_body_bytes <= 0:
+        raise ValueError(f"max_body_bytes must be > 0, got {max_body_bytes}")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+    metrics = Metrics()
+    repo = Repository(
+        repository, threads=threads, batching=batching, providers=providers, metrics=metrics
+    )
+    server = _Server(repo, metrics, max_body_bytes, strict_readiness)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        server.stopping = True  # uvicorn has finished the in-flight requests by now
+        await repo.close()
+
+    app = Starlette(
+        routes=routes(_Handlers(server)),
+        exception_handlers={
+            ServeError: _serve_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+        lifespan=lifespan,
+    )
+    app.router.redirect_slashes = False  # a wrong path is a JSON 404, not a redirect
+    app.state.repository = repo
+    app.state.metrics = metrics
+    return app
