@@ -10,7 +10,6 @@ from importlib import metadata as importlib_metadata
 import onnx
 import onnx.inliner
 import torch
-from onnx import helper
 from torch import Tensor, nn
 
 from export._emit import FUNCTION_DOMAIN
@@ -107,15 +106,24 @@ def _dynamic(dynamic: Dynamic, input_names: list[str]) -> dict[str, dict[int, st
     return {name: dict(axes) for name, axes in dynamic.items()}
 
 
+_ELEM_TYPES = {
+    torch.float32: onnx.TensorProto.FLOAT,
+    torch.float64: onnx.TensorProto.DOUBLE,
+    torch.float16: onnx.TensorProto.FLOAT16,
+    torch.bfloat16: onnx.TensorProto.BFLOAT16,
+}
+
+
 def _elem_type(inputs: tuple, module: nn.Module) -> int:
+    """The activation dtype: the first floating input's, else the parameters'."""
     floats = [t for t in inputs if t.is_floating_point()]
     floats += [p for p in module.parameters() if p.is_floating_point()]
     dtype = floats[0].dtype if floats else torch.float32
-    return (
-        helper.np_dtype_to_tensor_dtype(torch.empty((), dtype=dtype).numpy().dtype)
-        if (dtype != torch.bfloat16)
-        else onnx.TensorProto.BFLOAT16
-    )
+    if dtype not in _ELEM_TYPES:
+        raise ValueError(
+            f"unsupported activation dtype {dtype}: expected one of {list(_ELEM_TYPES)}"
+        )
+    return _ELEM_TYPES[dtype]
 
 
 def _version() -> str:

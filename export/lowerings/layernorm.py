@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from export._emit import Emitter, Inputs
 from export._placeholder import LayerSpec
-from export.lowerings import node_name, register
+from export.lowerings import affine_inputs, node_name, register
 
 LAYERNORM_OPSET = 17
 RMSNORM_OPSET = 23
@@ -49,15 +49,10 @@ def _function(em: Emitter, *, center: bool):
     return b.function("LayerNorm" if center else "RMSNorm", ["axes", "epsilon"], inputs, ["Y"])
 
 
-def _scale(em: Emitter, spec: LayerSpec, ins: Inputs, shape: tuple[int, ...]) -> str:
-    return ins.weight or em.filled(f"{spec.path}.scale_ones", shape, 1.0)
-
-
 @register("layernorm", "LayerNormalization (opset >= 17); function LayerNorm below")
 def lower_layernorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
-    shape = tuple(spec.normalized_shape)
-    scale = _scale(em, spec, ins, shape)
-    if em.opset >= LAYERNORM_OPSET:
+    scale, bias = affine_inputs(em, spec, ins, tuple(spec.normalized_shape))
+    if em.opset >= LAYERNORM_OPSET:  # B is optional here: no zeros for bias=False
         inputs = [ins.x, scale] + ([ins.bias] if ins.bias else [])
         em.node(
             "LayerNormalization",
@@ -69,7 +64,6 @@ def lower_layernorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) 
             stash_type=1,
         )
         return
-    bias = ins.bias or em.filled(f"{spec.path}.bias_zeros", shape, 0.0)
     fn = _function(em, center=True)
     em.call(
         fn,
@@ -83,7 +77,7 @@ def lower_layernorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) 
 
 @register("rmsnorm", "RMSNormalization (opset >= 23); function RMSNorm below")
 def lower_rmsnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
-    scale = _scale(em, spec, ins, tuple(spec.normalized_shape))
+    scale, _ = affine_inputs(em, spec, ins, tuple(spec.normalized_shape))
     eps = spec.eps  # eps=None was resolved at trace time to finfo(input dtype).eps
     if em.opset >= RMSNORM_OPSET:
         em.node(
