@@ -52,8 +52,12 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def lower(model: onnx.ModelProto, opset: int, elem_type: int) -> list[LayerSpec]:
-    """Lower all placeholders of ``model`` in place; returns the specs of the lowered layers."""
+def lower(model: onnx.ModelProto, opset: int, elem_type: int) -> list[tuple[LayerSpec, str]]:
+    """Lower all placeholders of ``model`` in place.
+
+    Returns, per lowered layer, its spec and the node its output comes from: the standard op
+    (``BatchNormalization``), ``normport.<function>``, or ``Mul+Add`` for a folded form.
+    """
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     em = Emitter(
@@ -64,6 +68,7 @@ def lower(model: onnx.ModelProto, opset: int, elem_type: int) -> list[LayerSpec]
     )
     nodes: list[onnx.NodeProto] = []
     specs: list[LayerSpec] = []
+    made: list[str] = []
     for node in graph.node:
         if node.domain != DOMAIN:
             nodes.append(node)
@@ -71,18 +76,13 @@ def lower(model: onnx.ModelProto, opset: int, elem_type: int) -> list[LayerSpec]
         spec = _spec(node)
         names = list(node.input) + [""] * (len(TENSOR_NAMES) - len(node.input))
         outs = list(node.output)
-        if spec.update_stats:
-            if any(s.path == spec.path and s.update_stats for s in specs):
-                raise ValueError(
-                    f"layer {spec.path or '<root>'!r} ({spec.cls}) is called more than once in "
-                    "one forward: a train-mode export gives each stateful layer one update "
-                    "per step; use a separate module per call"
-                )
+        if spec.update_stats:  # one update per layer: export.recognize checked it
             names[3:6], outs[1:4] = _expose_state(graph, em, initializers, spec, names[3:6])
         em.nodes = []
         lowering_for(spec).lower(em, spec, Inputs(*names), outs)
         nodes.extend(em.nodes)
         specs.append(spec)
+        made.append(_made(em.nodes, outs[0]))
     graph.ClearField("node")
     graph.node.extend(nodes)
     graph.initializer.extend(em.initializers)
@@ -92,7 +92,16 @@ def lower(model: onnx.ModelProto, opset: int, elem_type: int) -> list[LayerSpec]
         imports.append(helper.make_opsetid(FUNCTION_DOMAIN, 1))
     model.ClearField("opset_import")
     model.opset_import.extend(imports)
-    return specs
+    return list(zip(specs, made, strict=True))
+
+
+def _made(nodes: list[onnx.NodeProto], output: str) -> str:
+    last = next(n for n in nodes if output in n.output)
+    if last.domain == FUNCTION_DOMAIN:
+        return f"{FUNCTION_DOMAIN}.{last.op_type}"
+    if last.op_type == "Add" and any(n.op_type == "Mul" for n in nodes):
+        return "Mul+Add"
+    return last.op_type
 
 
 def _expose_state(

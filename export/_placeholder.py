@@ -26,12 +26,17 @@ from onnx.defs import OpSchema
 from onnxscript.values import Opset
 from torch import Tensor, nn
 
-import models
-from models.batchnorm import _BatchNorm
-from models.instancenorm import _InstanceNorm
-from models.switchable import _SwitchableNorm
+from models.table import kind_of
 
-__all__ = ["DOMAIN", "LayerSpec", "TENSOR_NAMES", "kind_of", "placeholders"]
+__all__ = [
+    "DOMAIN",
+    "TENSOR_NAMES",
+    "LayerSpec",
+    "kind_of",
+    "module_spec",
+    "norm_op",
+    "placeholders",
+]
 
 DOMAIN = "normport.placeholder"
 TENSOR_NAMES = (
@@ -62,6 +67,9 @@ class LayerSpec:
     num_groups: int = 0
     normalized_ndim: int = 0
     normalized_shape: tuple[int, ...] = ()
+    source: str = "module"  # module | functional | handwritten: how it was found
+    batched: bool = True  # False: an unbatched (C, *) input (InstanceNorm accepts one)
+    eps_in_root: bool = True  # False: (x - mean) / (sqrt(var) + eps), eps outside the root
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -73,26 +81,8 @@ class LayerSpec:
         return LayerSpec(**fields)
 
 
-_KINDS: tuple[tuple[type[nn.Module], str], ...] = (
-    (models.SequenceBatchNorm, "sequence_batchnorm"),
-    (_BatchNorm, "batchnorm"),
-    (_InstanceNorm, "instancenorm"),
-    (models.GroupNorm, "groupnorm"),
-    (models.LayerNorm, "layernorm"),
-    (models.RMSNorm, "rmsnorm"),
-    (_SwitchableNorm, "switchable"),
-)
-
-
-def kind_of(module: nn.Module) -> str | None:
-    """The lowering kind of a normport layer, None for any other module."""
-    for cls, kind in _KINDS:
-        if isinstance(module, cls):
-            return kind
-    return None
-
-
-def _spec(module: nn.Module, kind: str, path: str, x: Tensor) -> LayerSpec:
+def module_spec(module: nn.Module, kind: str, path: str, x: Tensor) -> LayerSpec:
+    """The spec of a layer exported at module level (its own ``forward`` not traced)."""
     common = {"kind": kind, "path": path, "cls": type(module).__name__, "rank": x.dim()}
     if kind in ("layernorm", "rmsnorm"):
         shape = module.normalized_shape
@@ -110,6 +100,8 @@ def _spec(module: nn.Module, kind: str, path: str, x: Tensor) -> LayerSpec:
             **common, channels=module.num_channels, eps=module.eps, num_groups=module.num_groups
         )
     batch_stats = module.training or module.running_mean is None
+    if kind == "instancenorm":
+        common["batched"] = x.dim() != _unbatched_rank(module)
     return LayerSpec(
         **common,
         channels=module.num_features,
@@ -118,6 +110,13 @@ def _spec(module: nn.Module, kind: str, path: str, x: Tensor) -> LayerSpec:
         batch_stats=batch_stats,
         update_stats=module.training and module.track_running_stats,
     )
+
+
+def _unbatched_rank(module: nn.Module) -> int:
+    """The rank of an unbatched input: 2 for InstanceNorm1d's (C, L), 3 for 2d, 4 for 3d."""
+    if hasattr(module, "_get_no_batch_dim"):  # torch.nn
+        return module._get_no_batch_dim()
+    return module._spatial_dims + 1  # normport
 
 
 def _tensors(module: nn.Module, x: Tensor) -> list[Tensor | None]:
@@ -161,12 +160,22 @@ def _norm_train_fake(x, w, b, rm, rv, nbt, mw, vw, spec):
     return torch.empty_like(x), torch.empty_like(rm), torch.empty_like(rv), torch.empty_like(nbt)
 
 
+def norm_op(update_stats: bool):
+    """The custom op a placeholder calls: the train op (a 4-tuple: y and the new running
+    statistics) for a step that updates running statistics, else the eval op (y)."""
+    return (
+        torch.ops.normport.norm_train.default
+        if update_stats
+        else torch.ops.normport.norm_eval.default
+    )
+
+
 def _placeholder_forward(self: nn.Module, input: Tensor) -> Tensor:
-    spec = _spec(self, self._normport_kind, self._normport_path, input)
+    spec = module_spec(self, self._normport_kind, self._normport_path, input)
     tensors = _tensors(self, input)
     if spec.update_stats:
-        return torch.ops.normport.norm_train(*tensors, spec.to_json())[0]
-    return torch.ops.normport.norm_eval(*tensors, spec.to_json())
+        return norm_op(True)(*tensors, spec.to_json())[0]
+    return norm_op(False)(*tensors, spec.to_json())
 
 
 @contextlib.contextmanager

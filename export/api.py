@@ -1,9 +1,15 @@
-"""``export.to_onnx``: a model with normport layers -> one ONNX model at exactly one opset."""
+"""``export.to_onnx``: any PyTorch model -> one ONNX model at exactly one opset.
+
+Every normalization in the model becomes exactly one node (:mod:`export.recognize`): the
+standard op where the opset has it and the semantics match, else one ``normport`` function.
+"""
 
 from __future__ import annotations
 
 import copy
 import inspect
+import json
+import re
 from collections.abc import Mapping, Sequence
 from importlib import metadata as importlib_metadata
 
@@ -16,9 +22,10 @@ from export._emit import FUNCTION_DOMAIN
 from export._finalize import finalize, name_nodes, weights_sha256
 from export._lower import lower
 from export._opset import convert
-from export._placeholder import kind_of
-from export._trace import trace
-from models.convert import TORCH_NORMS
+from export._placeholder import LayerSpec
+from export._trace import Traced, trace
+from export.outputs import output_names as _output_names
+from models.table import NORMPORT_NORMS, TORCH_NORMS
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "MODES", "to_onnx", "to_onnx_opsets"]
 
@@ -44,26 +51,50 @@ def _check_arguments(module: nn.Module, mode: str, opset: int, dtype: torch.dtyp
         raise ValueError(
             f"unsupported dtype {dtype}: expected None or one of {', '.join(map(str, DTYPES))}"
         )
-    training = mode == "train"
-    disagree = [path or "<root>" for path, m in module.named_modules() if m.training != training]
-    if disagree:
-        shown = ", ".join(disagree[:5]) + (" ..." if len(disagree) > 5 else "")
+    if mode == "eval":
+        training = [path or "<root>" for path, m in module.named_modules() if m.training]
+        if training:
+            shown = ", ".join(training[:5]) + (" ..." if len(training) > 5 else "")
+            raise ValueError(
+                f"mode='eval' but {len(training)} module(s) are in training mode ({shown}); "
+                "call module.eval() first, or export with mode='train' (each module is then "
+                "exported as its own training flag says)"
+            )
+
+
+def _check_train(module: nn.Module, specs: list[LayerSpec]) -> None:
+    if not any(spec.update_stats for spec in specs):
         raise ValueError(
-            f"mode={mode!r} but {len(disagree)} module(s) are in "
-            f"{'eval' if training else 'training'} mode ({shown}); call "
-            f"module.{'train' if training else 'eval'}() first or pass the matching mode"
+            "mode='train' but no normalization layer updates running statistics in this "
+            f"forward ({len(specs)} normalization(s) found, none in training mode with "
+            "track_running_stats): call .train() on the layers to train, or export with "
+            "mode='eval'"
         )
 
 
-def _check_strict(module: nn.Module) -> None:
+# Modules that look like normalization layers by name: reported when nothing was recognised.
+_NORM_LIKE = re.compile(r"(Norm|Normalization)(\d*d)?(Act\d*d?)?$")
+
+
+def _unrecognized(module: nn.Module, specs: list[LayerSpec], called: frozenset[str]):
+    """Normalization-like modules whose forward ran but made no normalization node."""
+    found = {spec.path for spec in specs}
+    missing = []
     for path, m in module.named_modules():
-        if kind_of(m) is None and isinstance(m, TORCH_NORMS):
-            raise ValueError(
-                f"{path or '<root>'!r} is {type(m).__module__}.{type(m).__qualname__}: "
-                "torch.onnx would lower it its own way (primitive ops or inference-only "
-                "statistics); convert it with models.convert(module, to='normport') or pass "
-                "strict=False"
-            )
+        norm_type = isinstance(m, TORCH_NORMS + NORMPORT_NORMS)
+        if not (norm_type or _NORM_LIKE.search(type(m).__name__)) or path not in called:
+            continue
+        if path in found or any(f.startswith(f"{path}.") for f in found):
+            continue
+        missing.append(
+            {
+                "path": path or "<root>",
+                "cls": type(m).__qualname__,
+                "why": "its forward ran but no normalization was recognised in it",
+                "torch_norm": norm_type,
+            }
+        )
+    return missing
 
 
 def _inputs(example_inputs: Tensor | Sequence[Tensor], dtype: torch.dtype | None) -> tuple:
@@ -84,12 +115,12 @@ def _names(module: nn.Module, inputs: tuple, outputs, input_names, output_names)
         ]
         input_names = params[: len(inputs)] if len(params) >= len(inputs) else None
         input_names = input_names or [f"input_{i}" for i in range(len(inputs))]
-    n_out = len(outputs) if isinstance(outputs, tuple | list) else 1
+    leaves = _output_names(outputs)
     if output_names is None:
-        output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-    if len(input_names) != len(inputs) or len(output_names) != n_out:
+        output_names = leaves
+    if len(input_names) != len(inputs) or len(output_names) != len(leaves):
         raise ValueError(
-            f"expected {len(inputs)} input name(s) and {n_out} output name(s), got "
+            f"expected {len(inputs)} input name(s) and {len(leaves)} output name(s), got "
             f"{list(input_names)} and {list(output_names)}"
         )
     return list(input_names), list(output_names)
@@ -146,28 +177,35 @@ def to_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
 ) -> onnx.ModelProto:
-    """Export ``module`` (with normport layers) to ONNX at exactly ``opset``.
+    """Export any ``module`` to ONNX at exactly ``opset``, every normalization as one node.
 
     Args:
-        module: the model; every submodule's ``training`` flag must match ``mode``.
+        module: the model: normport layers, torch.nn norms and their subclasses, functional
+            and hand-written norms (the forms :mod:`export.recognize` lists).
         example_inputs: one batch (a tensor or a tuple); its batch axis should be > 1.
-        mode: ``"eval"`` (running statistics) or ``"train"`` (batch statistics, and the
-            updated running statistics as extra outputs: see :mod:`export._lower`).
+        mode: ``"eval"`` (every module must be in eval: running statistics) or ``"train"``
+            (each module as its own ``training`` flag says: norm layers in training use
+            batch statistics and return their updated running statistics as extra outputs,
+            see :mod:`export._lower`; layers in eval use running statistics; at least one
+            layer must update running statistics).
         opset: 13 to 28; the file's opset_import says exactly this.
         dynamic: True (axis 0 of every input is ``"batch"``), False, or
             ``{input: {axis: name}}``.
         dtype: None (as the module), ``torch.float16`` or ``torch.bfloat16`` (weights and
             activations; statistics computed in float32), or ``torch.float32``/``float64``.
         inline: inline the model-local functions (for runtimes without them).
-        strict: raise when a torch.nn normalization layer would fall back to torch.onnx's
-            own translation.
+        strict: raise when a torch.nn normalization layer ran but did not become one node
+            (e.g. ``LocalResponseNorm``); False records it in the ``normport.unrecognized``
+            metadata instead.
         input_names, output_names: graph names (default: forward's parameter names, and
-            ``output`` / ``output_<i>``).
+            the output structure's: ``output``, ``output_<i>``, dict keys and ModelOutput
+            fields such as ``last_hidden_state``; see :mod:`export.outputs`).
 
     Raises:
-        ValueError: bad mode, opset or dtype; training flags that disagree with ``mode``; a
-            layer input the layer rejects (e.g. one value per channel in a train export); a
-            torch.nn norm under ``strict``; an opset the graph cannot meet
+        ValueError: bad mode, opset or dtype; a module in training under ``mode="eval"``;
+            ``mode="train"`` with no layer updating running statistics; a layer input the
+            layer rejects (e.g. one value per channel in a train export); a torch.nn norm
+            left unrecognised under ``strict``; an opset the graph cannot meet
             (:class:`export.OpsetError`, naming the op).
     """
     return to_onnx_opsets(
@@ -200,8 +238,6 @@ def to_onnx_opsets(
     """:func:`to_onnx` at several opsets, tracing the module once: ``{opset: model}``."""
     for opset in opsets:
         _check_arguments(module, mode, opset, dtype)
-    if strict:
-        _check_strict(module)
     work = copy.deepcopy(module)
     if dtype is not None:
         work = work.to(dtype)
@@ -216,7 +252,17 @@ def to_onnx_opsets(
         output_names=output_names,
         dynamic=_dynamic(dynamic, input_names),
     )
-    name_nodes(traced)
+    if mode == "train":
+        _check_train(work, traced.specs)
+    unrecognized = _unrecognized(work, traced.specs, traced.called)
+    if strict and any(entry["torch_norm"] for entry in unrecognized):
+        entry = next(entry for entry in unrecognized if entry["torch_norm"])
+        raise ValueError(
+            f"{entry['path']!r} ({entry['cls']}) is a torch.nn normalization layer that "
+            "normport cannot export as one node; pass strict=False to keep torch.onnx's "
+            "translation of it (it is then listed in the normport.unrecognized metadata)"
+        )
+    name_nodes(traced.model)
     base = {
         "normport_version": _version(),
         "source_class": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -226,24 +272,44 @@ def to_onnx_opsets(
         "onnx_version": onnx.__version__,
         "weights_sha256": weights_sha256(work),
         "inline": str(inline).lower(),
+        "normport.unrecognized": json.dumps(unrecognized),
     }
     elem_type = _elem_type(inputs, work)
     return {opset: _emit(traced, opset, elem_type, inline, base) for opset in opsets}
 
 
 def _emit(
-    traced: onnx.ModelProto, opset: int, elem_type: int, inline: bool, metadata: dict[str, str]
+    traced: Traced, opset: int, elem_type: int, inline: bool, metadata: dict[str, str]
 ) -> onnx.ModelProto:
-    model = convert(traced, opset)
-    if model is traced:
+    model = convert(traced.model, opset)
+    if model is traced.model:
         model = onnx.ModelProto()
-        model.CopyFrom(traced)
-    specs = lower(model, opset, elem_type)
+        model.CopyFrom(traced.model)
+    lowered = lower(model, opset, elem_type)
     if inline and model.functions:
         model = onnx.inliner.inline_local_functions(model)
         model.ClearField("functions")
         kept = [o for o in model.opset_import if o.domain != FUNCTION_DOMAIN]
         model.ClearField("opset_import")
         model.opset_import.extend(kept)
-    layers = ",".join(f"{s.path or '<root>'}:{s.cls}" for s in specs)
+    layers = json.dumps([_layer_entry(spec, node) for spec, node in lowered])
     return finalize(model, {**metadata, "opset": str(opset), "normalization_layers": layers})
+
+
+def _layer_entry(spec: LayerSpec, node: str) -> dict:
+    """One ``normalization_layers`` metadata entry: where the norm was found and what it became."""
+    entry = {
+        "path": spec.path or "<root>",
+        "cls": spec.cls,
+        "kind": spec.kind,
+        "source": spec.source,
+        "statistics": "batch" if spec.batch_stats else "running",
+        "updates_running_stats": spec.update_stats,
+        "node": node,
+    }
+    if spec.cls == "SyncBatchNorm" and spec.batch_stats:
+        entry["note"] = (
+            "SyncBatchNorm in training exported as BatchNorm over the local batch: equal to "
+            "it in one process; across processes the statistics are not synchronised"
+        )
+    return entry

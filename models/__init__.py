@@ -6,7 +6,14 @@ one shared normalization primitive (:mod:`models._functional`) and one shared ba
 running statistics (:mod:`models._base`).
 """
 
-from models.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, SequenceBatchNorm
+from models import table
+from models.batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    SequenceBatchNorm,
+    TorchSequenceBatchNorm,
+)
 from models.convert import convert
 from models.groupnorm import GroupNorm
 from models.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
@@ -26,5 +33,7 @@ __all__ = [
     "SequenceBatchNorm",
     "SwitchableNorm1d",
     "SwitchableNorm2d",
+    "TorchSequenceBatchNorm",
     "convert",
+    "table",
 ]

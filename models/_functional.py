@@ -117,11 +117,20 @@ def _per_stat_channel(view: View3, x_shape: torch.Size, p_shape: torch.Size) -> 
     return t == view[2] and view[1] % m == 0 and a * m == view[0] * view[1]
 
 
-def _centred(x3: Tensor, mean: Tensor | None, acc: torch.dtype) -> Tensor:
-    """A fresh ``acc``-typed buffer holding ``x - mean`` (or a copy of ``x`` when not centring)."""
+def _centred(x3: Tensor, mean: Tensor | None, acc: torch.dtype, shape: torch.Size) -> Tensor:
+    """A fresh contiguous ``acc``-typed buffer of ``shape`` (the input's) holding ``x - mean``
+    (or a copy of ``x`` when not centring); callers work on its ``(A, C, B)`` view.
+
+    The buffer is allocated in the input's shape, not the view's, so that the layer can return
+    it as is: an output that is a view of a tensor made inside an autograd Function may not be
+    modified in place (``nn.ReLU(inplace=True)`` after the layer would raise).
+    """
+    out = torch.empty(shape, dtype=acc, device=x3.device)
     if mean is None:
-        return x3.to(acc, copy=True)
-    return torch.sub(x3, mean)
+        out.view(x3.shape).copy_(x3)
+    else:
+        torch.sub(x3, mean, out=out.view(x3.shape))
+    return out
 
 
 class _Standardize(torch.autograd.Function):
@@ -133,16 +142,16 @@ class _Standardize(torch.autograd.Function):
         x3 = x.reshape(view)
         n = view[0] * view[2]
         mean = _sum02(x3.to(acc) if x3.dtype != acc else x3).div_(n) if center else None
-        y = _centred(x3, mean, acc)
-        var = _sum_squares(y).div_(n)
+        y = _centred(x3, mean, acc, x.shape)  # shaped like x: returned as is, never a view
+        y3 = y.view(view)
+        var = _sum_squares(y3).div_(n)
         invstd = torch.rsqrt(var + eps)
         folded = weight is not None and _per_stat_channel(view, x.shape, weight.shape)
         if folded:  # one pass with scale = invstd * weight instead of two
             a, m, t = _param_view(x.shape, weight.shape)
             y.view(a, m, t).mul_(invstd.view(-1, m, 1) * weight.reshape(1, m, 1))
         else:
-            y.mul_(invstd)
-        y = y.view(x.shape)
+            y3.mul_(invstd)
         if weight is not None and not folded:
             y.mul_(weight)
         if bias is not None:
@@ -178,8 +187,10 @@ class _Standardize(torch.autograd.Function):
         # One full-size buffer: on CPU, page-faulting fresh memory costs more than arithmetic.
         # `out` holds dy * xhat (for the weight gradient and the row sums), then the input
         # gradient; xhat is recomputed from x rather than stored.
-        out = _centred(x3, mean, acc).mul_(invstd)
-        out_x = out.view(x.shape).mul_(dy)
+        out_x = _centred(x3, mean, acc, x.shape)
+        out = out_x.view(view)
+        out.mul_(invstd)
+        out_x.mul_(dy)
         grad_w = _sum_like(out_x, weight).to(weight.dtype) if need_w else None
         if not need_x:
             return None, None, grad_w, grad_b, None, None
@@ -254,7 +265,8 @@ def standardize(
         center: False for RMS normalization (no mean subtraction).
 
     Returns:
-        ``(y, mean, var)``: ``y`` in ``x.dtype``; ``mean`` (None when not centring) and the
+        ``(y, mean, var)``: ``y`` in ``x.dtype``, a fresh tensor shaped like ``x`` (not a view,
+        so in-place ops such as ``relu_`` may follow); ``mean`` (None when not centring) and the
         biased ``var``, both shaped ``(1, C, 1)`` in the accumulation dtype and detached.
 
     Example::

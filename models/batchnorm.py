@@ -12,13 +12,20 @@ running ones are used, folded into one multiply-add :math:`y = x s + t`.
 
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from models._base import NormBase
 from models._functional import affine_from_stats, standardize
 from models._shapes import channel_shape, check_rank, prod
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SequenceBatchNorm"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SequenceBatchNorm",
+    "TorchSequenceBatchNorm",
+]
 
 
 class _BatchNorm(NormBase):
@@ -83,3 +90,15 @@ class SequenceBatchNorm(_BatchNorm):
 
     def _view(self, x: Tensor) -> tuple[int, int, int]:
         return (x.shape[0] * x.shape[1], x.shape[2], 1)
+
+
+class TorchSequenceBatchNorm(nn.BatchNorm1d):
+    """torch.nn's own BatchNorm1d applied to a channel-last ``(N, L, C)`` input.
+
+    The torch-side twin of :class:`SequenceBatchNorm` (same arguments and state).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dim() != 3:
+            raise ValueError(f"expected 3D input (got {input.dim()}D input)")
+        return super().forward(input.transpose(1, 2)).transpose(1, 2)

@@ -13,59 +13,15 @@ import copy
 import inspect
 from typing import Literal
 
-import torch
 from torch import nn
 
-from models import batchnorm, groupnorm, instancenorm, layernorm, switchable
+from models.batchnorm import TorchSequenceBatchNorm
+from models.table import LAYERS, NORMPORT_NORMS, TORCH_NORMS
 
 __all__ = ["TORCH_NORMS", "TorchSequenceBatchNorm", "convert"]
 
-
-class TorchSequenceBatchNorm(nn.BatchNorm1d):
-    """torch.nn's own BatchNorm1d applied to a channel-last ``(N, L, C)`` input.
-
-    The torch-side twin of :class:`models.SequenceBatchNorm` (same arguments and state).
-    """
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() != 3:
-            raise ValueError(f"expected 3D input (got {input.dim()}D input)")
-        return super().forward(input.transpose(1, 2)).transpose(1, 2)
-
-
-_PAIRS: list[tuple[type[nn.Module], type[nn.Module]]] = [
-    (batchnorm.BatchNorm1d, nn.BatchNorm1d),
-    (batchnorm.BatchNorm2d, nn.BatchNorm2d),
-    (batchnorm.BatchNorm3d, nn.BatchNorm3d),
-    (batchnorm.SequenceBatchNorm, TorchSequenceBatchNorm),
-    (instancenorm.InstanceNorm1d, nn.InstanceNorm1d),
-    (instancenorm.InstanceNorm2d, nn.InstanceNorm2d),
-    (instancenorm.InstanceNorm3d, nn.InstanceNorm3d),
-    (groupnorm.GroupNorm, nn.GroupNorm),
-    (layernorm.LayerNorm, nn.LayerNorm),
-    (layernorm.RMSNorm, nn.RMSNorm),
-]
-_TO_TORCH = {ours: theirs for ours, theirs in _PAIRS}
-_TO_NORMPORT = {theirs: ours for ours, theirs in _PAIRS}
-
-# Normalization families with no twin on the other side: converting them must not pass silently.
-_NORMPORT_NORMS: tuple[type[nn.Module], ...] = (
-    batchnorm._BatchNorm,
-    instancenorm._InstanceNorm,
-    switchable._SwitchableNorm,
-    groupnorm.GroupNorm,
-    layernorm._TrailingNorm,
-)
-# torch.nn's normalization layers (those without a normport twin included): converting or
-# exporting them must never pass silently.
-TORCH_NORMS: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.RMSNorm,
-    nn.LocalResponseNorm,
-    nn.CrossMapLRN2d,
-)
+_TO_TORCH = {row.normport: row.torch for row in LAYERS if row.torch is not None}
+_TO_NORMPORT = {row.torch: row.normport for row in LAYERS if row.torch is not None}
 
 # Constructor arguments of every twin, read off the module (the names are shared).
 _ARGS = (
@@ -82,7 +38,7 @@ _ARGS = (
 
 
 def _twin_of(module: nn.Module, to: str) -> type[nn.Module] | None:
-    table, family = (_TO_TORCH, _NORMPORT_NORMS) if to == "torch" else (_TO_NORMPORT, TORCH_NORMS)
+    table, family = (_TO_TORCH, NORMPORT_NORMS) if to == "torch" else (_TO_NORMPORT, TORCH_NORMS)
     twin = table.get(type(module))
     if twin is None and isinstance(module, family):
         return None

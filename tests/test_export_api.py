@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 
@@ -81,10 +82,18 @@ ERRORS = [
     (
         "strict_torch_norm",
         lambda: export.to_onnx(
-            nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval(), X, mode="eval"
+            nn.Sequential(nn.Conv2d(3, 4, 1), nn.LocalResponseNorm(2)).eval(), X, mode="eval"
         ),
         ValueError,
-        r"'1' is torch.nn.modules.batchnorm.BatchNorm2d: torch.onnx would lower it its own way",
+        r"'1' \(LocalResponseNorm\) is a torch.nn normalization layer that normport cannot export as one node",
+    ),
+    (
+        "train_without_stateful_layer",
+        lambda: export.to_onnx(
+            nn.Sequential(nn.Linear(10, 10), nn.LayerNorm(10)).train(), X, mode="train"
+        ),
+        ValueError,
+        r"mode='train' but no normalization layer updates running statistics in this forward \(1 normalization\(s\) found",
     ),
     (
         "train_one_value_per_channel",
@@ -150,10 +159,13 @@ def test_errors(call, exc, message):
         call()
 
 
-def test_non_strict_lets_torch_norms_through():
-    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LayerNorm(10)).eval()
-    randomize(net[1], torch.Generator().manual_seed(6))
+def test_non_strict_lets_unrecognized_norms_through():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LocalResponseNorm(2), nn.LayerNorm(10)).eval()
+    randomize(net[2], torch.Generator().manual_seed(6))
     model = export.to_onnx(net, X, mode="eval", strict=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert [e["path"] for e in json.loads(meta["normport.unrecognized"])] == ["1"]
+    assert [e["path"] for e in json.loads(meta["normalization_layers"])] == ["2"]
     with torch.no_grad():
         close(session(model).run(None, {"input": X.numpy()})[0], net(X).numpy(), "non-strict")
 
@@ -166,7 +178,10 @@ def test_metadata_and_node_names():
     assert meta["source_class"] == "torch.nn.modules.container.Sequential"
     assert meta["torch_version"] == torch.__version__ and meta["onnx_version"] == onnx.__version__
     assert re.fullmatch(r"[0-9a-f]{64}", meta["weights_sha256"])
-    assert meta["normalization_layers"] == "1:BatchNorm2d,3:GroupNorm"
+    assert [(e["path"], e["cls"], e["node"]) for e in json.loads(meta["normalization_layers"])] == [
+        ("1", "BatchNorm2d", "BatchNormalization"),
+        ("3", "GroupNorm", "GroupNormalization"),
+    ]
     assert [n.name for n in model.graph.node] == [
         "0/Conv",
         "1/BatchNormalization",

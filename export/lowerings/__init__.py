@@ -29,14 +29,17 @@ class Lowering:
     kind: str
     lower: LowerFn
     emits: str  # human-readable: which op or function, at which opsets
+    eps_outside_root: bool = False  # also lowers specs with eps_in_root=False
 
 
 REGISTRY: dict[str, Lowering] = {}
 
 
-def register(kind: str, emits: str) -> Callable[[LowerFn], LowerFn]:
+def register(
+    kind: str, emits: str, *, eps_outside_root: bool = False
+) -> Callable[[LowerFn], LowerFn]:
     def decorate(fn: LowerFn) -> LowerFn:
-        REGISTRY[kind] = Lowering(kind, fn, emits)
+        REGISTRY[kind] = Lowering(kind, fn, emits, eps_outside_root)
         return fn
 
     return decorate
@@ -44,11 +47,21 @@ def register(kind: str, emits: str) -> Callable[[LowerFn], LowerFn]:
 
 def lowering_for(spec: LayerSpec) -> Lowering:
     try:
-        return REGISTRY[spec.kind]
+        lowering = REGISTRY[spec.kind]
     except KeyError:
         raise ValueError(
             f"no lowering for layer {spec.path!r} ({spec.cls}, kind {spec.kind!r})"
         ) from None
+    # (x - mean) / (sqrt(var) + eps) is other math than every standard op: a lowering that
+    # did not say it handles it must not emit its eps-in-the-root op for it.
+    if not spec.eps_in_root and not lowering.eps_outside_root:
+        raise ValueError(
+            f"layer {spec.path or '<root>'!r} ({spec.cls}, kind {spec.kind!r}) has eps outside "
+            "the root, (x - mean) / (sqrt(var) + eps), which the lowering of that kind does not "
+            "export; kinds that do: "
+            + ", ".join(sorted(k for k, low in REGISTRY.items() if low.eps_outside_root))
+        )
+    return lowering
 
 
 def affine_inputs(em: Emitter, spec: LayerSpec, ins: Inputs, shape=None) -> tuple[str, str]:
@@ -79,6 +92,7 @@ def node_name(spec: LayerSpec, op: str) -> str:
 # Importing the modules registers their lowerings.
 from export.lowerings import (  # noqa: E402, F401
     batchnorm,
+    eps_outside,
     groupnorm,
     instancenorm,
     layernorm,

@@ -4,7 +4,8 @@
   channel-last ``(N, L, C)`` input gets the folded per-channel form ``X * s + t`` instead of
   ``Transpose -> BatchNormalization -> Transpose`` (faster: see ``make bench``, export.json).
 - batch statistics (training, or ``track_running_stats=False``): the function
-  ``normport.BatchNormTrain`` (updating running statistics) or ``normport.BatchNormBatchStats``.
+  ``normport.BatchNormTrain`` (updating running statistics) or ``normport.BatchNormBatchStats``;
+  with eps outside the root (hand-written, ``eps_in_root=False``): ``normport.NormalizeStdPlusEps``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from export.lowerings._stats import (
     momentum_mode,
     running_update,
 )
+from export.lowerings.eps_outside import lower_eps_outside
 
 __all__ = ["batch_stats_function", "lower_batchnorm"]
 
@@ -99,25 +101,42 @@ def lower_batch_stats(
         em.call(fn, [ins.x, scale, bias], outs[:1], name=node_name(spec, fn.name), **attrs)
 
 
-@register("batchnorm", "BatchNormalization (eval); function BatchNormTrain / BatchNormBatchStats")
+@register(
+    "batchnorm",
+    "BatchNormalization (eval); function BatchNormTrain / BatchNormBatchStats; "
+    "function NormalizeStdPlusEps (batch statistics, eps outside the root)",
+    eps_outside_root=True,
+)
 def lower_batchnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
+    axes, channel_shape = [0, *range(2, spec.rank)], [spec.channels] + [1] * (spec.rank - 2)
+    if not spec.eps_in_root:
+        lower_eps_outside(em, spec, ins, outs, axes=axes, channel_shape=channel_shape)
+        return
     if spec.batch_stats:
-        axes = [0, *range(2, spec.rank)]
         lower_batch_stats(
             em,
             spec,
             ins,
             outs,
             axes=axes,
-            channel_shape=[spec.channels] + [1] * (spec.rank - 2),
+            channel_shape=channel_shape,
             base="BatchNorm",
         )
         return
     batch_normalization(em, spec, ins, outs)
 
 
-@register("sequence_batchnorm", "X * scale + shift (eval); function BatchNormTrain (train)")
+@register(
+    "sequence_batchnorm",
+    "X * scale + shift (eval); function BatchNormTrain (train); "
+    "function NormalizeStdPlusEps (batch statistics, eps outside the root)",
+    eps_outside_root=True,
+)
 def lower_sequence_batchnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
+    if not spec.eps_in_root:
+        axes = list(range(spec.rank - 1))
+        lower_eps_outside(em, spec, ins, outs, axes=axes, channel_shape=[spec.channels])
+        return
     if spec.batch_stats:
         lower_batch_stats(
             em,

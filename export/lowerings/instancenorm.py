@@ -20,7 +20,7 @@ from export.lowerings.batchnorm import lower_batch_stats
     "InstanceNormalization; BatchNormalization (eval, tracked); function InstanceNormTrain",
 )
 def lower_instancenorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
-    if spec.rank < 3 or spec.rank - 2 != int(spec.cls[-2]):
+    if spec.rank < 3 or not spec.batched:
         raise ValueError(
             f"cannot export {spec.path!r} ({spec.cls}) on a {spec.rank}D input: ONNX's "
             "instance normalization needs a batched (N, C, *) input; add the batch axis"

@@ -3,6 +3,8 @@
 - LayerNorm: ``LayerNormalization`` (``axis=-k``, ``stash_type=1``) from opset 17; below, the
   function ``normport.LayerNorm``, written as the textbook ReduceMean / Sub / Pow / ReduceMean /
   Add / Sqrt / Div / Mul / Add chain that onnxruntime re-fuses into its LayerNorm kernel.
+  With eps outside the root (``eps_in_root=False``): ``normport.NormalizeStdPlusEps`` at
+  every opset (:mod:`export.lowerings.eps_outside`).
 - RMSNorm: ``RMSNormalization`` from opset 23; below, the function ``normport.RMSNorm``
   (Pow / ReduceMean / Add / Sqrt / Div / Mul, onnxruntime's SimplifiedLayerNorm pattern).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 from export._emit import Emitter, Inputs
 from export._placeholder import LayerSpec
 from export.lowerings import affine_inputs, node_name, register
+from export.lowerings.eps_outside import lower_eps_outside
 
 LAYERNORM_OPSET = 17
 RMSNORM_OPSET = 23
@@ -49,8 +52,17 @@ def _function(em: Emitter, *, center: bool):
     return b.function("LayerNorm" if center else "RMSNorm", ["axes", "epsilon"], inputs, ["Y"])
 
 
-@register("layernorm", "LayerNormalization (opset >= 17); function LayerNorm below")
+@register(
+    "layernorm",
+    "LayerNormalization (opset >= 17); function LayerNorm below; "
+    "function NormalizeStdPlusEps (eps outside the root)",
+    eps_outside_root=True,
+)
 def lower_layernorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
+    if not spec.eps_in_root:
+        shape = list(spec.normalized_shape)
+        lower_eps_outside(em, spec, ins, outs, axes=_trailing(spec), channel_shape=shape)
+        return
     scale, bias = affine_inputs(em, spec, ins, tuple(spec.normalized_shape))
     if em.opset >= LAYERNORM_OPSET:  # B is optional here: no zeros for bias=False
         inputs = [ins.x, scale] + ([ins.bias] if ins.bias else [])

@@ -14,25 +14,12 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-import models
+from models.table import normport_types
 
 __all__ = ["NORM_TYPES", "calibrate", "randomize_norms", "warm_up"]
 
-# Every normport normalization layer.
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    models.BatchNorm1d,
-    models.BatchNorm2d,
-    models.BatchNorm3d,
-    models.SequenceBatchNorm,
-    models.LayerNorm,
-    models.RMSNorm,
-    models.InstanceNorm1d,
-    models.InstanceNorm2d,
-    models.InstanceNorm3d,
-    models.GroupNorm,
-    models.SwitchableNorm1d,
-    models.SwitchableNorm2d,
-)
+# Every normport normalization layer, from the one layer table.
+NORM_TYPES: tuple[type[nn.Module], ...] = normport_types()
 
 
 @torch.no_grad()

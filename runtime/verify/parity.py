@@ -34,7 +34,6 @@ from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNot
 from torch import Tensor, nn
 
 import export
-import models
 from runtime._recalibration_feeds import session, state_pairs
 from runtime.recalibration import recalibrate
 from runtime.verify._reference import reference
@@ -309,9 +308,7 @@ def _recalibration_cells(subject, module, models_, dtype, tol, new_cell) -> list
 
 
 def _export(subject: Subject, module: nn.Module, mode: str, opsets, dtype: str):
-    work = copy.deepcopy(module)
-    if subject.convert:
-        work = models.convert(work, to="normport")
+    work = copy.deepcopy(module)  # export takes torch.nn norms and subclasses as they are
     work.train(mode == "train")
     return export.to_onnx_opsets(
         work,
@@ -347,7 +344,9 @@ def run_subject(
             )  # fmt: skip
 
         for export_mode in ("eval", "train"):
-            wanted = [m for m in modes if m == export_mode]
+            # A train export needs a layer that updates running statistics: without one the
+            # train graph would only repeat the eval graph, so there is nothing to verify.
+            wanted = [m for m in modes if m == export_mode and (m == "eval" or stateful)]
             if export_mode == "train" and stateful and "recalibrate" in modes:
                 wanted.append("recalibrate")
             if not wanted:

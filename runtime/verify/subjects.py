@@ -9,18 +9,14 @@ of any batch size.  Three sources:
   (:attr:`Subject.data_stats`), so the divergence study can say where running statistics should
   converge.
 - the zoo (:mod:`models.zoo`): every network, built with ``seed=0``.
-- ``--module pkg.mod:factory`` (:func:`from_factory`).  **Factory contract**: a callable with no
-  required arguments returning either
+- ``--module pkg.mod:factory`` (:func:`from_factory`), loaded and checked by
+  :mod:`export.factory`, which states the **factory contract**: a callable with no required
+  arguments returning ``(module, example_inputs)`` or a module with an
+  ``example_inputs(batch_size: int, seed: int)`` method.
 
-  * ``(module, example_inputs)``: ``example_inputs`` a tensor or a tuple of tensors, one batch
-    with its batch axis first; or
-  * a module with an ``example_inputs(batch_size: int, seed: int)`` method returning such a
-    tuple.
-
-  The module's normalization layers may be normport layers or torch.nn ones with a normport twin
-  (BatchNorm*, InstanceNorm*, LayerNorm, GroupNorm, RMSNorm): the export side then uses
-  ``models.convert(module, to="normport")`` while the PyTorch side keeps running the user's own
-  torch.nn layers.  Axis 0 of every input is exported as the dynamic batch axis.  With only
+  The module is exported as it is (:func:`export.to_onnx` takes any model: torch.nn norms,
+  their subclasses, functional and hand-written norms), while the PyTorch side runs the same
+  module.  Axis 0 of every input is exported as the dynamic batch axis.  With only
   ``example_inputs`` to go on, batches of other sizes are resampled from it: float inputs as
   ``mean + std * N(0, 1)`` with the example's per-feature mean and std, integer inputs drawn
   uniformly from the example's value range.
@@ -29,8 +25,6 @@ of any batch size.  Three sources:
 from __future__ import annotations
 
 import copy
-import importlib
-import inspect
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 import models
-from export._placeholder import kind_of
+from export import factory
 from models import zoo
 
 __all__ = ["LAYERS", "Subject", "from_factory", "get", "layer_names", "names", "zoo_subject"]
@@ -63,7 +57,6 @@ class Subject:
         dynamic: ``{input: {axis: name}}`` for the export.
         channel_axis: layers only: the axis statistics are kept per.
         data_stats: layers only: the data's per-channel ``(mean, variance)``.
-        convert: export ``models.convert(module, to="normport")`` (torch.nn norms inside).
     """
 
     name: str
@@ -77,7 +70,6 @@ class Subject:
     dynamic: dict[str, dict[int, str]] | bool = True
     channel_axis: int | None = None
     data_stats: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
-    convert: bool = False
 
     @property
     def scope(self) -> str:
@@ -264,13 +256,6 @@ def get(name: str) -> Subject:
 # -- a user's module --------------------------------------------------------------------------
 
 
-def _as_inputs(value, where: str) -> tuple[Tensor, ...]:
-    inputs = (value,) if isinstance(value, Tensor) else tuple(value)
-    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise TypeError(f"{where}: expected a tensor or a tuple of tensors")
-    return inputs
-
-
 def _resampler(example: tuple[Tensor, ...]) -> InputFn:
     def inputs(batch_size: int, seed: int, alt: bool = False) -> tuple[Tensor, ...]:
         gen = torch.Generator().manual_seed(seed)
@@ -290,49 +275,25 @@ def _resampler(example: tuple[Tensor, ...]) -> InputFn:
     return inputs
 
 
-def _needs_convert(module: nn.Module) -> bool:
-    torch_norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
-    return any(isinstance(m, torch_norms) and kind_of(m) is None for m in module.modules())
-
-
 def from_factory(target: str) -> Subject:
-    """A subject from ``"pkg.mod:factory"`` (contract in this module's docstring).
+    """A subject from ``"pkg.mod:factory"`` (contract: :mod:`export.factory`).
 
     Raises:
-        ValueError: ``target`` is not ``module:attribute``, or the module is not importable.
-        TypeError: the factory returns something else than the contract says.
+        export.factory.FactoryError: ``target`` is not ``pkg.mod:factory``, the module does not
+            import, has no such attribute, or the factory raises; its
+            :class:`~export.factory.FactoryTypeError` (also a ``TypeError``): a non-callable, or
+            a return value outside the contract.
     """
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--module expects 'pkg.mod:factory', got {target!r}")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"--module {target!r}: {err}") from err
-    if not callable(factory):
-        raise TypeError(f"--module {target!r}: {attr!r} is not callable")
+    made = factory.build(target)  # once: a factory need not be deterministic
+    module = made.module.eval()
+    if made.sample is None:
+        input_fn = _resampler(made.example)
+    else:
+        sample = made.sample
 
-    def build() -> tuple[nn.Module, InputFn]:
-        made = factory()
-        if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
-            module, example = made[0], _as_inputs(made[1], f"{target} example_inputs")
-            return module.eval(), _resampler(example)
-        if isinstance(made, nn.Module) and callable(getattr(made, "example_inputs", None)):
-            params = inspect.signature(made.example_inputs).parameters
-            method = made.example_inputs
-            if "seed" not in params:
-                raise TypeError(f"{target}: example_inputs must accept (batch_size, seed)")
+        def input_fn(batch_size: int, seed: int, alt: bool = False) -> tuple[Tensor, ...]:
+            return sample(batch_size, seed)
 
-            def inputs(batch_size: int, seed: int, alt: bool = False) -> tuple[Tensor, ...]:
-                return _as_inputs(method(batch_size, seed=seed), f"{target} example_inputs")
-
-            return made.eval(), inputs
-        raise TypeError(
-            f"{target}: the factory must return (module, example_inputs) or a module with an "
-            f"example_inputs(batch_size, seed) method, got {type(made).__name__}"
-        )
-
-    module, input_fn = build()  # once: a factory need not be deterministic
     return Subject(
         name=target,
         kind="module",
@@ -340,5 +301,4 @@ def from_factory(target: str) -> Subject:
         description=f"{type(module).__module__}.{type(module).__qualname__}",
         factory=lambda: copy.deepcopy(module),
         inputs=input_fn,
-        convert=_needs_convert(module),
     )

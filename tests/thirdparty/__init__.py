@@ -1,0 +1,1 @@
+"""Real third-party architectures (torchvision, timm, transformers), random init, small configs."""
