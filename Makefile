@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# Two workers for the two cores; a file's tests stay on one worker (their exports are cached).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 export: $(STAMP)
 	$(PY) -m export --all --out model_repository
@@ -27,6 +28,7 @@ bench: $(STAMP)
 	$(PY) -m models.bench --threads $(THREADS) --out reports/bench/layers.json
 	$(PY) -m export.bench --threads $(THREADS) --out reports/bench/export.json
 	$(PY) -m runtime.serve.bench --out reports/bench/serve.json
+	$(PY) -m tests.thirdparty.export_time --out reports/bench/export_time.json
 
 # Serves model_repository/ on 127.0.0.1:8000, exporting it first when it is missing.
 serve: $(STAMP)

@@ -1,0 +1,419 @@
+"""Try ``export.to_onnx_opsets`` on a broad corpus of real architectures and report each cell.
+
+``python -m tests.thirdparty.corpus [--out reports/corpus.json] [--only ID ...] [--eval-only]``
+
+For every architecture (random init, small config, randomized norms) and mode (eval; train as
+well where the model has BatchNorm with running statistics, dropout / drop-path left in eval),
+one trace per mode emitted at opsets 13, 17 and 23, then per cell: works / fails (error class and
+first line), the worst absolute error against PyTorch (eval: batches of 2 and 3; train: three
+fed-back steps of 4, 3, 5, outputs and running statistics) and whether it is within the test
+tolerances, and the number of norm nodes against the number of norm modules.  Prints a table and
+writes JSON.  Not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tests.thirdparty import models as m
+from tests.thirdparty.harness import compare, norm_nodes, reference
+
+__all__ = ["CORPUS", "Cell", "main", "run_arch"]
+
+OPSETS = {"eval": (13, 17, 23), "train": (17, 23)}
+EVAL_BATCHES = ((2, 0), (3, 11))
+TRAIN_BATCHES = ((4, 21), (3, 22), (5, 23))
+# Hand-written norm classes (not torch.nn subclasses) are recognized by name in the corpus;
+# the test rows name theirs explicitly.
+HANDWRITTEN = re.compile(r"(RMS|Layer|Group|Batch|Instance)Norm")
+
+
+# --- extra factories -----------------------------------------------------------------------
+
+
+def _tv_vit_tiny() -> nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=10,
+    )
+
+
+def _mixer_b16_small() -> nn.Module:
+    """mixer_b16_224's patch 16 on 32 px (4 tokens), two blocks, width 128."""
+    from timm.models.mlp_mixer import MlpMixer
+
+    return MlpMixer(num_classes=10, img_size=32, patch_size=16, num_blocks=2, embed_dim=128)
+
+
+def _hf(config_cls: str, model_cls: str, **config) -> Callable[[], nn.Module]:
+    def factory() -> nn.Module:
+        import transformers
+
+        cfg = getattr(transformers, config_cls)(**config)
+        return getattr(transformers, model_cls)(cfg)
+
+    factory.__name__ = f"hf_{model_cls}"
+    return factory
+
+
+T = m.TINY
+DECODER = {
+    "vocab_size": m.VOCAB,
+    "hidden_size": T["hidden"],
+    "intermediate_size": T["intermediate"],
+    "num_hidden_layers": T["layers"],
+    "num_attention_heads": T["heads"],
+    "max_position_embeddings": T["positions"],
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "use_cache": False,
+}
+ENCODER = {
+    "vocab_size": m.VOCAB,
+    "hidden_size": T["hidden"],
+    "intermediate_size": T["intermediate"],
+    "num_hidden_layers": T["layers"],
+    "num_attention_heads": T["heads"],
+    "max_position_embeddings": T["positions"],
+    "pad_token_id": 0,
+}
+VISION = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": T["hidden"],
+    "intermediate_size": T["intermediate"],
+    "num_hidden_layers": T["layers"],
+    "num_attention_heads": T["heads"],
+}
+img32, img64 = m.image_inputs(32), m.image_inputs(64)
+tv, tm = m.torchvision_model, m.timm_model
+
+# BatchNorm CNNs get 64 px: at 32 px their last stage is 1x1 and train-mode batch statistics
+# over 3-5 values are ill-conditioned (float32 PyTorch itself is ~1e-2 off float64).
+_EXTRA = [
+    # torchvision (full-size versions of the test rows' shortened ones first)
+    m.Arch("tv_convnext_tiny", tv("convnext_tiny"), img32),
+    m.Arch("tv_swin_t", tv("swin_t"), img32),
+    m.Arch("tv_resnet50", tv("resnet50"), img64),
+    m.Arch("tv_densenet121", tv("densenet121"), img64),
+    m.Arch("tv_efficientnet_b0", tv("efficientnet_b0"), img64),
+    m.Arch("tv_regnet_x_400mf", tv("regnet_x_400mf"), img64),
+    m.Arch("tv_shufflenet_v2_x0_5", tv("shufflenet_v2_x0_5"), img64),
+    m.Arch("tv_squeezenet1_0", tv("squeezenet1_0"), img64),
+    m.Arch("tv_mnasnet0_5", tv("mnasnet0_5"), img64),
+    m.Arch("tv_vit_tiny", _tv_vit_tiny, img32),
+    # timm
+    m.Arch("timm_vit_tiny_patch16", tm("vit_tiny_patch16_224", img_size=32), img32),
+    m.Arch("timm_resnet18", tm("resnet18"), img64),
+    m.Arch("timm_resnet26d", tm("resnet26d"), img64),
+    m.Arch("timm_mobilenetv3_small_050", tm("mobilenetv3_small_050"), img64),
+    m.Arch("timm_deit_tiny", tm("deit_tiny_patch16_224", img_size=32), img32),
+    m.Arch(
+        "timm_swin_tiny",
+        tm("swin_tiny_patch4_window7_224", img_size=64, window_size=2),
+        img64,
+    ),
+    m.Arch("timm_levit_128s", tm("levit_128s", img_size=64), img64),
+    m.Arch("timm_regnety_002", tm("regnety_002"), img64),
+    m.Arch("timm_mixer_b16_small", _mixer_b16_small, img32),
+    m.Arch("timm_poolformer_s12", tm("poolformer_s12"), img32),
+    # Its last stage's attention biases are sized for 7x7 tokens: 224 px only.
+    m.Arch("timm_efficientformer_l1", tm("efficientformer_l1"), m.image_inputs(224)),
+    m.Arch("timm_cspresnet50", tm("cspresnet50"), img64),
+    # transformers
+    m.Arch(  # the test row uses eager attention: torch.onnx fails on this SDPA path
+        "hf_t5_encoder_sdpa",
+        _hf(
+            "T5Config",
+            "T5EncoderModel",
+            vocab_size=m.VOCAB,
+            d_model=T["hidden"],
+            d_kv=T["hidden"] // T["heads"],
+            d_ff=T["intermediate"],
+            num_layers=T["layers"],
+            num_heads=T["heads"],
+            use_cache=False,
+            attn_implementation="sdpa",
+        ),
+        m.token_inputs,
+        handwritten=("T5LayerNorm",),
+    ),
+    m.Arch(
+        "hf_distilbert",
+        _hf(
+            "DistilBertConfig",
+            "DistilBertModel",
+            vocab_size=m.VOCAB,
+            dim=T["hidden"],
+            hidden_dim=T["intermediate"],
+            n_layers=T["layers"],
+            n_heads=T["heads"],
+            max_position_embeddings=T["positions"],
+            pad_token_id=0,
+        ),
+        m.token_inputs,
+    ),
+    m.Arch(
+        "hf_roberta",
+        _hf("RobertaConfig", "RobertaModel", **{**ENCODER, "max_position_embeddings": 66}),
+        m.token_inputs,
+    ),
+    m.Arch(
+        "hf_albert",
+        _hf("AlbertConfig", "AlbertModel", **ENCODER, embedding_size=16),
+        m.token_inputs,
+    ),
+    m.Arch("hf_vit", _hf("ViTConfig", "ViTModel", **VISION), img32),
+    m.Arch(
+        "hf_convnext",
+        _hf("ConvNextConfig", "ConvNextModel", hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1]),
+        img32,
+    ),
+    m.Arch(
+        "hf_mobilebert",
+        _hf(
+            "MobileBertConfig",
+            "MobileBertModel",
+            **ENCODER,
+            embedding_size=16,
+            intra_bottleneck_size=16,
+            true_hidden_size=16,
+            num_feedforward_networks=1,
+        ),
+        m.token_inputs,
+    ),
+    m.Arch(
+        "hf_mistral",
+        _hf("MistralConfig", "MistralModel", **DECODER, num_key_value_heads=T["kv_heads"]),
+        m.token_inputs,
+    ),
+    m.Arch(
+        "hf_qwen2",
+        _hf("Qwen2Config", "Qwen2Model", **DECODER, num_key_value_heads=T["kv_heads"]),
+        m.token_inputs,
+    ),
+    m.Arch("hf_phi", _hf("PhiConfig", "PhiModel", **DECODER), m.token_inputs),
+    m.Arch(
+        "hf_falcon",
+        _hf(
+            "FalconConfig",
+            "FalconModel",
+            vocab_size=m.VOCAB,
+            hidden_size=T["hidden"],
+            num_hidden_layers=T["layers"],
+            num_attention_heads=T["heads"],
+            bos_token_id=0,
+            eos_token_id=0,
+            use_cache=False,
+        ),
+        m.token_inputs,
+    ),
+    m.Arch(
+        "hf_opt",
+        _hf(
+            "OPTConfig",
+            "OPTModel",
+            vocab_size=m.VOCAB,
+            hidden_size=T["hidden"],
+            ffn_dim=T["intermediate"],
+            num_hidden_layers=T["layers"],
+            num_attention_heads=T["heads"],
+            max_position_embeddings=T["positions"],
+            word_embed_proj_dim=T["hidden"],
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=0,
+            use_cache=False,
+        ),
+        m.token_inputs,
+    ),
+]
+CORPUS: dict[str, m.Arch] = {**m.ARCHS, **{a.id: a for a in _EXTRA}}
+
+
+# --- running -------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    arch: str
+    mode: str
+    opset: int
+    status: str  # ok | mismatch | fail
+    error: str = ""  # "ErrorClass: first line"
+    max_abs: float | None = None
+    mismatches: list[str] | None = None
+    norm_nodes: int | None = None
+    norm_modules: int = 0
+    norm_classes: dict[str, int] | None = None
+    export_s: float = 0.0
+
+
+def _error(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:240] if lines else ''}"
+
+
+def _handwritten(net: nn.Module) -> tuple[str, ...]:
+    names = {
+        type(mod).__name__
+        for mod in net.modules()
+        if HANDWRITTEN.search(type(mod).__name__) and not isinstance(mod, m.TORCH_NORM_TYPES)
+    }
+    return tuple(sorted(names))
+
+
+def _export(net: nn.Module, inputs, mode: str, opsets: tuple[int, ...]):
+    """``{opset: model or exception}``: one trace; per opset again only if an opset failed."""
+    import export
+
+    try:
+        return export.to_onnx_opsets(net, inputs, mode=mode, opsets=opsets)
+    except export.OpsetError:
+        pass  # one opset blocked by an op: find which
+    except Exception as e:
+        return dict.fromkeys(opsets, e)
+    out = {}
+    for opset in opsets:
+        try:
+            out[opset] = export.to_onnx(net, inputs, mode=mode, opset=opset)
+        except Exception as e:
+            out[opset] = e
+    return out
+
+
+def run_arch(arch: m.Arch, modes: tuple[str, ...] = ("eval", "train")) -> list[Cell]:
+    cells: list[Cell] = []
+    try:
+        net = arch.build()
+    except Exception as e:
+        return [Cell(arch.id, "eval", o, "fail", "build: " + _error(e)) for o in OPSETS["eval"]]
+    handwritten = tuple(sorted({*arch.handwritten, *_handwritten(net)}))
+    layers = m.norm_modules(net, handwritten, arch.functional)
+    classes: dict[str, int] = {}
+    for layer in layers.values():
+        classes[type(layer).__name__] = classes.get(type(layer).__name__, 0) + 1
+    has_bn = any(
+        isinstance(x, nn.modules.batchnorm._BatchNorm) and x.track_running_stats
+        for x in layers.values()
+    )
+    for mode in modes:
+        if mode == "train" and not has_bn:
+            continue
+        work = copy.deepcopy(net)
+        if mode == "train":
+            m.mixed_train(work)
+        start = time.perf_counter()
+        results = _export(work, arch.inputs(*EVAL_BATCHES[0]), mode, OPSETS[mode])
+        seconds = time.perf_counter() - start
+        ref = None  # PyTorch's side, once per mode
+        for opset, model in results.items():
+            cell = Cell(arch.id, mode, opset, "fail", norm_modules=len(layers))
+            cell.norm_classes, cell.export_s = classes, round(seconds, 1)
+            cells.append(cell)
+            if isinstance(model, BaseException):
+                cell.error = _error(model)
+                continue
+            cell.norm_nodes = len(norm_nodes(model))
+            try:
+                if ref is None:
+                    batches = EVAL_BATCHES if mode == "eval" else TRAIN_BATCHES
+                    ref = reference(work, [arch.inputs(*b) for b in batches])
+                steps = compare(model, ref)
+            except Exception as e:
+                cell.error = "run: " + _error(e)
+                continue
+            cell.max_abs = max(s.max_abs() for s in steps)
+            cell.mismatches = [
+                f"step {i}: {x}" for i, s in enumerate(steps) for x in s.mismatches()
+            ]
+            counted = cell.norm_nodes == cell.norm_modules
+            cell.status = "ok" if counted and not cell.mismatches else "mismatch"
+    return cells
+
+
+def _cell_text(cell: Cell) -> str:
+    if cell.status == "fail":
+        return "FAIL " + cell.error.split(":")[0]
+    err = f"{cell.max_abs:.0e}" if cell.max_abs else "0"
+    flag = "" if cell.status == "ok" else "!"
+    return f"{flag}{err} {cell.norm_nodes}/{cell.norm_modules}"
+
+
+def table(cells: list[Cell]) -> str:
+    """One line per (arch, mode): max abs error and norm nodes / modules per opset."""
+    columns = sorted({c.opset for c in cells})
+    rows: dict[tuple[str, str], dict[int, Cell]] = {}
+    for c in cells:
+        rows.setdefault((c.arch, c.mode), {})[c.opset] = c
+    width = max(len(a) for a, _ in rows) + 2
+    lines = [f"{'architecture':<{width}}mode   " + "".join(f"{o:<22}" for o in columns)]
+    for (arch, mode), by_opset in rows.items():
+        row = "".join(f"{_cell_text(by_opset[o]) if o in by_opset else '-':<22}" for o in columns)
+        lines.append(f"{arch:<{width}}{mode:<7}{row}")
+    errors = sorted({(c.arch, c.mode, c.error) for c in cells if c.error})
+    if errors:
+        lines.append("\nfailures:")
+        lines += [f"  {a} {mode}: {e}" for a, mode, e in errors]
+    bad = [c for c in cells if c.status == "mismatch"]
+    if bad:
+        lines.append("\nmismatches (! above: parity beyond tolerance or norm count off):")
+        for c in bad:
+            what = c.mismatches[:3] if c.mismatches else []
+            count = f"norm nodes {c.norm_nodes} vs modules {c.norm_classes}"
+            lines.append(f"  {c.arch} {c.mode} {c.opset}: {count}; {what}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("reports/corpus.json"))
+    parser.add_argument("--only", nargs="+", metavar="ID", help=f"ids from: {', '.join(CORPUS)}")
+    parser.add_argument("--eval-only", action="store_true", help="skip the train exports")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - set(CORPUS))
+    if unknown:
+        parser.error(f"unknown ids {unknown}")
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    modes = ("eval",) if args.eval_only else ("eval", "train")
+    cells: list[Cell] = []
+    for arch in CORPUS.values():
+        if args.only and arch.id not in args.only:
+            continue
+        start = time.perf_counter()
+        try:
+            new = run_arch(arch, modes)
+        except Exception as e:  # a harness bug: report it, keep going
+            traceback.print_exc()
+            new = [Cell(arch.id, "eval", 0, "fail", "corpus: " + _error(e))]
+        cells += new
+        status = ", ".join(f"{c.mode}{c.opset}:{c.status}" for c in new)
+        print(f"{arch.id}: {status} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    print(table(cells))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps([asdict(c) for c in cells], indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
