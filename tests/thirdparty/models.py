@@ -12,6 +12,7 @@ drops the affine, swaps mean and variance, or reads the wrong buffer cannot pass
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ __all__ = [
     "drop_modules",
     "image_inputs",
     "mixed_train",
+    "norm_calls",
     "norm_modules",
     "randomize_norms",
     "timm_model",
@@ -101,6 +103,29 @@ def norm_modules(model: nn.Module, *class_names: tuple[str, ...]) -> dict[str, n
         for path, m in model.named_modules()
         if isinstance(m, TORCH_NORM_TYPES) or type(m).__name__ in names
     }
+
+
+def norm_calls(
+    model: nn.Module, inputs: tuple[Tensor, ...], *class_names: tuple[str, ...]
+) -> dict[str, int]:
+    """``{path: calls}`` of :func:`norm_modules` in one forward of a copy of ``model``: a
+    module applied several times (ALBERT shares one layer across depth) is several norms."""
+    model = copy.deepcopy(model)
+    calls = dict.fromkeys(norm_modules(model, *class_names), 0)
+    handles = []
+    for path in calls:
+
+        def hook(module, args, output, path=path):
+            calls[path] += 1
+
+        handles.append(model.get_submodule(path).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
 
 
 def drop_modules(model: nn.Module) -> dict[str, nn.Module]:
