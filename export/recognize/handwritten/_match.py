@@ -19,12 +19,15 @@ from export.recognize.handwritten._spellings import (
     aten,
     commuted,
     compute_dtype,
+    erased,
     float_val,
     same_shape,
     users,
 )
 
 __all__ = [
+    "apply_rule",
+    "running_spec",
     "Match",
     "Reshaped",
     "affine_tail",
@@ -202,3 +205,29 @@ def rewrite(g: Graph, match: Match) -> fx.Node:
             if is_op(user, ASSERT):
                 g.fx.erase_node(user)
     return g.replace(match.output, match.spec, match.slots)
+
+
+def apply_rule(g: Graph, match_at) -> None:
+    """Run one rule: ``match_at(g, node)`` on every live node, rewriting each valid match."""
+    for node in g.nodes():
+        if erased(node):
+            continue
+        match = match_at(g, node)
+        if match is not None and match.valid():
+            rewrite(g, match)
+
+
+def running_spec(g: Graph, output: fx.Node, kind: str, rank: int, channels: int, eps) -> LayerSpec:
+    """The spec of a hand-written normalization with running statistics, owned by
+    ``output``'s module."""
+    path, cls = g.owner(output)
+    return LayerSpec(
+        kind=kind,
+        path=path,
+        cls=cls,
+        rank=rank,
+        channels=channels,
+        eps=eps,
+        batch_stats=False,
+        source="handwritten",
+    )

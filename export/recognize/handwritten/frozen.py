@@ -29,20 +29,19 @@ from __future__ import annotations
 
 from torch import fx
 
-from export._placeholder import LayerSpec
 from export.recognize._graph import Graph, Slots, is_op
 from export.recognize.handwritten._match import (
     Match,
+    apply_rule,
     broadcast_shape,
     constant_only,
-    rewrite,
+    running_spec,
 )
 from export.recognize.handwritten._spellings import (
     aten,
     casts_ok,
     centered,
     commuted,
-    erased,
     same_value,
     strip_casts,
     strip_shapes,
@@ -103,17 +102,7 @@ def _match(g: Graph, add: fx.Node, scaled: fx.Node, x_raw, scale, shift) -> Matc
         return None
     w, rv, eps = scale_parts
     b, rm = shift_parts
-    path, cls = g.owner(add)
-    spec = LayerSpec(
-        kind=kind,
-        path=path,
-        cls=cls,
-        rank=len(shape),
-        channels=channels,
-        eps=eps,
-        batch_stats=False,
-        source="handwritten",
-    )
+    spec = running_spec(g, add, kind, len(shape), channels, eps)
     slots = Slots(x, w, b, running_mean=rm, running_var=rv)
     return Match(add, [scaled], spec, slots, casts)
 
@@ -132,9 +121,4 @@ def match_frozen(g: Graph, node: fx.Node) -> Match | None:
 
 def recognize_frozen(g: Graph) -> None:
     """Replace every hand-folded eval BatchNorm of ``g`` with a placeholder."""
-    for node in g.nodes():
-        if erased(node):
-            continue
-        match = match_frozen(g, node)
-        if match is not None and match.valid():
-            rewrite(g, match)
+    apply_rule(g, match_frozen)

@@ -35,13 +35,12 @@ from export.recognize._graph import Graph, Slots
 from export.recognize.handwritten._match import (
     Match,
     affine_tail,
+    apply_rule,
     layout,
-    rewrite,
 )
 from export.recognize.handwritten._spellings import (
     casts_ok,
     centered,
-    erased,
     normalized,
     same_value,
     square_of,
@@ -105,9 +104,4 @@ def match_rmsnorm(g: Graph, node: fx.Node) -> Match | None:
 
 def recognize_rmsnorm(g: Graph) -> None:
     """Replace every hand-written RMSNorm of ``g`` with a placeholder."""
-    for node in g.nodes():
-        if erased(node):
-            continue
-        match = match_rmsnorm(g, node)
-        if match is not None and match.valid():
-            rewrite(g, match)
+    apply_rule(g, match_rmsnorm)

@@ -28,20 +28,19 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from export._placeholder import LayerSpec
 from export.recognize._graph import Graph, Slots, is_op
 from export.recognize.handwritten._match import (
     Match,
     affine_tail,
+    apply_rule,
     broadcast_shape,
-    rewrite,
+    running_spec,
 )
 from export.recognize.handwritten._spellings import (
     aten,
     casts_ok,
     centered,
     commuted,
-    erased,
     inverse_root,
     quotient,
     root,
@@ -125,26 +124,11 @@ def match_running(g: Graph, node: fx.Node) -> Match | None:
     if tail is None:
         return None
     output, weight, bias, tail_nodes = tail
-    path, cls = g.owner(output)
-    spec = LayerSpec(
-        kind=kind,
-        path=path,
-        cls=cls,
-        rank=len(shape),
-        channels=channels,
-        eps=eps,
-        batch_stats=False,
-        source="handwritten",
-    )
+    spec = running_spec(g, output, kind, len(shape), channels, eps)
     slots = Slots(x, weight, bias, running_mean=rm, running_var=rv)
     return Match(output, [node, sub, *tail_nodes], spec, slots, casts)
 
 
 def recognize_running(g: Graph) -> None:
     """Replace every hand-written running-statistics BatchNorm with a placeholder."""
-    for node in g.nodes():
-        if erased(node):
-            continue
-        match = match_running(g, node)
-        if match is not None and match.valid():
-            rewrite(g, match)
+    apply_rule(g, match_running)

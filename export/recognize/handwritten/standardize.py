@@ -40,14 +40,13 @@ from export.recognize._graph import Graph, Slots
 from export.recognize.handwritten._match import (
     Match,
     affine_tail,
+    apply_rule,
     layout,
-    rewrite,
 )
 from export.recognize.handwritten._spellings import (
     Stat,
     casts_ok,
     centered,
-    erased,
     normalized,
     quotient,
     root,
@@ -136,9 +135,4 @@ def match_standardize(g: Graph, node: fx.Node) -> Match | None:
 
 def recognize_standardize(g: Graph) -> None:
     """Replace every hand-written LayerNorm / batch-statistics BatchNorm with a placeholder."""
-    for node in g.nodes():
-        if erased(node):
-            continue
-        match = match_standardize(g, node)
-        if match is not None and match.valid():
-            rewrite(g, match)
+    apply_rule(g, match_standardize)
