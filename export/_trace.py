@@ -20,6 +20,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from export._bounds import DIM_MAX, Bounds, dim_bounds
 from export._placeholder import TRANSLATION_TABLE, LayerSpec, placeholders
 from export.recognize import recognize
 
@@ -39,7 +40,7 @@ def _dynamic_shapes(
         axes = {}
         for axis, symbol in sorted(dynamic.get(name, {}).items()):
             if symbol not in dims:
-                dims[symbol] = torch.export.Dim(symbol, min=1, max=1 << 16)
+                dims[symbol] = torch.export.Dim(symbol, min=1, max=DIM_MAX)
             axes[axis % tensor.dim()] = dims[symbol]
         shapes.append(axes)
     return tuple(shapes)
@@ -48,9 +49,10 @@ def _dynamic_shapes(
 def _export(module: nn.Module, inputs: tuple, shapes) -> torch.export.ExportedProgram:
     """``torch.export`` as torch.onnx calls it: sizes 0 and 1 are not special-cased
     (``backed_size_oblivious``), guards on dynamic dims become runtime asserts where they can
-    (``seq_len <= 64`` from a position table of 64 rows), and a dim range the trace narrows
-    (a stride-2 conv guarding ``size // 2 != 1``) is refined from export's own suggested
-    fixes, a few rounds at most."""
+    (``seq_len <= 64`` from a position table of 64 rows: torch.onnx drops them,
+    :mod:`export._bounds` keeps them as bounds), and a dim range the trace narrows (a stride-2
+    conv guarding ``size // 2 != 1``) is refined from export's own suggested fixes, a few
+    rounds at most."""
     error: Exception | None = None
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):
         for _round in range(_REFINE_ROUNDS):
@@ -80,11 +82,13 @@ _REFINE_ROUNDS = 3
 
 @dataclasses.dataclass(frozen=True)
 class Traced:
-    """The ONNX graph at ``BASE_OPSET`` with placeholders, and the spec of each placeholder."""
+    """The ONNX graph at ``BASE_OPSET`` with placeholders, the spec of each placeholder, and
+    the bounds the graph puts on its dynamic dims (:func:`export._bounds.dim_bounds`)."""
 
     model: onnx.ModelProto
     specs: list[LayerSpec]
     called: frozenset[str]  # paths of the modules whose forward ran while tracing
+    dim_bounds: Bounds = dataclasses.field(default_factory=dict)
 
 
 def _called(program: torch.export.ExportedProgram) -> frozenset[str]:
@@ -109,6 +113,7 @@ def trace(
         program = _export(module, tuple(inputs), shapes)
     specs = recognize(program)
     called = _called(program)
+    bounds = dim_bounds(program, input_names, dynamic) if dynamic else {}
     with _quiet():
         onnx_program = torch.onnx.export(
             program,
@@ -122,7 +127,7 @@ def trace(
         )
     model = onnx_program.model_proto
     _name_dims(model, dynamic)
-    return Traced(model, specs, called)
+    return Traced(model, specs, called, bounds)
 
 
 def _name_dims(model: onnx.ModelProto, dynamic: Mapping[str, Mapping[int, str]]) -> None:

@@ -18,6 +18,7 @@ import onnx.inliner
 import torch
 from torch import Tensor, nn
 
+from export._bounds import BOUNDS_KEY
 from export._emit import FUNCTION_DOMAIN
 from export._finalize import finalize, name_nodes, weights_sha256
 from export._lower import lower
@@ -273,6 +274,7 @@ def to_onnx_opsets(
         "weights_sha256": weights_sha256(work),
         "inline": str(inline).lower(),
         "normport.unrecognized": json.dumps(unrecognized),
+        BOUNDS_KEY: json.dumps(traced.dim_bounds, sort_keys=True),
     }
     elem_type = _elem_type(inputs, work)
     return {opset: _emit(traced, opset, elem_type, inline, base) for opset in opsets}

@@ -12,10 +12,33 @@ dimensions are written as ``-1``; a tensor whose listed shape would be empty is 
 ``dims: [ 1 ] reshape: { shape: [ ] }`` (Triton requires non-empty ``dims``).
 
 :func:`read_config` parses exactly this subset back into the dict :func:`build_config` returns.
+
+Shape bounds.  A graph may take only some sizes of a dynamic dim: a position table of 64 rows
+takes at most 64 tokens (:mod:`export._bounds` records such bounds in the model's
+``normport.dim_bounds`` metadata).  :func:`build_config` writes them as Triton ``parameters``,
+which Triton ignores and the normport server enforces (a 400 naming the input, the axis, the
+size and the bound, instead of onnxruntime failing inside the graph).  ``transformer_ln``,
+whose ``tokens`` are ``[batch, seq_len]`` (``dims: [ -1 ]``) with ``seq_len <= 64``, gets::
+
+    parameters {
+      key: "normport.max_shape.tokens"
+      value: { string_value: "[64]" }
+    }
+
+Keys: ``normport.max_shape.<input>`` (largest size of each axis) and
+``normport.min_shape.<input>`` (smallest), for an input of the config, each at most once.
+Value: a JSON list of ints, one per entry of that input's ``dims`` (so per sample: no batch
+axis when ``max_batch_size > 0``, which bounds the batch), ``-1`` where the axis has no such
+bound; bounds are inclusive, and a fixed dim's entry is ``-1`` or that dim.  Only inputs with
+a bound get a key.  A hand-written config may set them too (the server checks them when it
+loads the model: see :mod:`runtime.serve.spec`).  Other ``normport.*`` keys are refused
+(:data:`NORMPORT_KEYS` lists the model-wide ones); every other key (Triton's own, e.g.
+``execution_mode``) is kept and ignored.  ``config["parameters"]`` is ``{key: string_value}``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,13 +46,17 @@ from typing import Any
 
 import onnx
 
+from export._bounds import Bounds, read_dim_bounds
 from export._pbtxt import Enum, Field, Message, parse, quote
 from export._save import atomic_write, save
 
 __all__ = [
     "CONFIG_NAME",
     "DEFAULT_PREFERRED_BATCH_SIZES",
+    "MAX_SHAPE",
+    "MIN_SHAPE",
     "MODEL_NAME",
+    "NORMPORT_KEYS",
     "PLATFORM",
     "TRITON_TYPES",
     "VERSION",
@@ -46,6 +73,10 @@ CONFIG_NAME = "config.pbtxt"
 MODEL_NAME = "model.onnx"
 VERSION = "1"
 DEFAULT_PREFERRED_BATCH_SIZES = (16, 32, 64)  # those <= max_batch_size are used
+MAX_SHAPE = "normport.max_shape."  # + an input's name: parameter key of its per-sample maxima
+MIN_SHAPE = "normport.min_shape."  # + an input's name: ... of its minima
+# The model-wide normport parameter keys (read by runtime.serve.admission).
+NORMPORT_KEYS = ("normport.memory_budget",)
 
 _T = onnx.TensorProto
 TRITON_TYPES: dict[int, str] = {
@@ -129,9 +160,13 @@ def build_config(
 ) -> Config:
     """The config of ``model`` served as ``name``, as :func:`read_config` returns it.
 
+    The graph's dim bounds (``normport.dim_bounds`` metadata) become ``parameters`` (see the
+    module docstring).
+
     Raises:
         ValueError: a bad name or batching option, a tensor without a Triton type or of unknown
-            rank, or (``max_batch_size > 0``) a tensor whose axis 0 is not the batch dimension.
+            rank, (``max_batch_size > 0``) a tensor whose axis 0 is not the batch dimension or a
+            batch dimension the graph bounds below ``[1, max_batch_size]``, or bad metadata.
     """
     if not name or name in (".", "..") or any(c in name for c in "/\\\0\n"):
         raise ValueError(f"model name must be a plain folder name, got {name!r}")
@@ -146,19 +181,56 @@ def build_config(
         raise ValueError("preferred_batch_sizes needs max_batch_size > 0")
     batch: list[str] | None = [] if max_batch_size > 0 else None
     graph = model.graph
+    inputs = [_tensor(v, "input", batch) for v in graph.input]
+    outputs = [_tensor(v, "output", batch) for v in graph.output]
+    bounds = read_dim_bounds(model)
+    if batch:
+        _check_batch_bounds(bounds.get(batch[0], {}), batch[0], max_batch_size)
     return {
         "name": name,
         "platform": PLATFORM,
         "max_batch_size": max_batch_size,
-        "inputs": [_tensor(v, "input", batch) for v in graph.input],
-        "outputs": [_tensor(v, "output", batch) for v in graph.output],
+        "inputs": inputs,
+        "outputs": outputs,
         "dynamic_batching": None
         if max_batch_size == 0
         else {
             "preferred_batch_size": _preferred(max_batch_size, preferred_batch_sizes),
             "max_queue_delay_microseconds": max_queue_delay_microseconds,
         },
+        "parameters": _shape_parameters(graph.input, bounds, batched=batch is not None),
     }
+
+
+def _check_batch_bounds(bound: dict[str, int], symbol: str, max_batch_size: int) -> None:
+    """Triton sends batches of 1 to ``max_batch_size``: the graph must take all of them."""
+    if bound.get("max", max_batch_size) < max_batch_size:
+        raise ValueError(
+            f"the graph takes at most {bound['max']} on its batch dim {symbol!r}: use "
+            f"max_batch_size <= {bound['max']} (got {max_batch_size})"
+        )
+    if bound.get("min", 1) > 1:
+        raise ValueError(
+            f"the graph takes at least {bound['min']} on its batch dim {symbol!r}, but a batch "
+            "may hold one request: use max_batch_size=0"
+        )
+
+
+def _shape_parameters(
+    inputs: Sequence[onnx.ValueInfoProto], bounds: Bounds, *, batched: bool
+) -> dict[str, str]:
+    """``normport.{min,max}_shape.<input>`` of every input with a bounded per-sample dim.
+
+    A bound on a dim that no input keeps symbolic needs no parameter: ``dims`` fix that dim.
+    """
+    parameters: dict[str, str] = {}
+    for value in inputs:
+        dims = list(value.type.tensor_type.shape.dim)[1 if batched else 0 :]
+        for prefix, end in ((MAX_SHAPE, "max"), (MIN_SHAPE, "min")):
+            row = [bounds.get(d.dim_param, {}).get(end, -1) if d.dim_param else -1 for d in dims]
+            if any(b != -1 for b in row):
+                parameters[prefix + value.name] = json.dumps(row)
+    return parameters
 
 
 def _ints(values: Sequence[int]) -> str:
@@ -191,6 +263,11 @@ def format_config(config: Config) -> str:
         if batching["preferred_batch_size"]:
             lines.append(f"  preferred_batch_size: {_ints(batching['preferred_batch_size'])}")
         lines.append(f"  max_queue_delay_microseconds: {batching['max_queue_delay_microseconds']}")
+        lines.append("}")
+    for key, value in config.get("parameters", {}).items():
+        lines.append("parameters {")
+        lines.append(f"  key: {quote(key)}")
+        lines.append(f"  value: {{ string_value: {quote(value)} }}")
         lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -225,17 +302,30 @@ def write_model(
 
 # -- reading ---------------------------------------------------------------------------------
 
-_TOP = ("name", "platform", "max_batch_size", "input", "output", "dynamic_batching")
+_TOP = ("name", "platform", "max_batch_size", "input", "output", "dynamic_batching", "parameters")
 _TENSOR = ("name", "data_type", "dims", "reshape")
 _BATCHING = ("preferred_batch_size", "max_queue_delay_microseconds")
 _MISSING = object()
+_KINDS: tuple[tuple[type, str], ...] = (  # Enum before its base class str
+    (Enum, "an identifier"),
+    (str, "a quoted string"),
+    (int, "an integer"),
+    (list, "a list"),
+    (Message, "a '{ }' block"),
+)
+
+
+def _kind(kind: type) -> str:
+    return next(name for t, name in _KINDS if issubclass(kind, t))
 
 
 def _group(message: Message, allowed: tuple[str, ...], where: str) -> dict[str, list[Field]]:
     groups: dict[str, list[Field]] = {}
     for f in message.fields:
         if f.name not in allowed:
-            raise ValueError(f"line {f.line}: unknown field {f.name!r} in {where}")
+            raise ValueError(
+                f"line {f.line}: unknown field in {where} (allowed: {', '.join(allowed)})"
+            )
         groups.setdefault(f.name, []).append(f)
     return groups
 
@@ -250,7 +340,9 @@ def _one(groups: dict[str, list[Field]], key: str, kind: type, where: str, defau
         return default
     value = fields[0].value
     if not isinstance(value, kind) or (kind is str and isinstance(value, Enum)):
-        raise ValueError(f"line {fields[0].line}: {key!r} must be {kind.__name__}, got {value!r}")
+        raise ValueError(
+            f"line {fields[0].line}: {key!r} must be {_kind(kind)}, found {_kind(type(value))}"
+        )
     return value
 
 
@@ -260,7 +352,10 @@ def _many(groups: dict[str, list[Field]], key: str, kind: type) -> list:
     for f in groups.get(key, []):
         for value in f.value if isinstance(f.value, list) else [f.value]:
             if not isinstance(value, kind) or (kind is not Enum and isinstance(value, Enum)):
-                raise ValueError(f"line {f.line}: {key!r} must hold {kind.__name__}s")
+                raise ValueError(
+                    f"line {f.line}: each {key!r} value must be {_kind(kind)}, "
+                    f"found {_kind(type(value))}"
+                )
             out.append(value)
     return out
 
@@ -270,10 +365,13 @@ def _read_tensor(message: Message, where: str) -> dict[str, Any]:
     name = _one(g, "name", str, where)
     data_type = _one(g, "data_type", Enum, where)
     if data_type not in TRITON_TYPES.values():
-        raise ValueError(f"line {g['data_type'][0].line}: unknown data_type {data_type}")
+        raise ValueError(
+            f"line {g['data_type'][0].line}: unknown data_type "
+            f"(allowed: {', '.join(TRITON_TYPES.values())})"
+        )
     dims = _many(g, "dims", int)
     if not dims or any(d < -1 for d in dims):
-        raise ValueError(f"line {message.line}: {where} {name!r} needs dims, each >= -1")
+        raise ValueError(f"line {message.line}: {where} needs dims, each >= -1")
     reshape = _one(g, "reshape", Message, where, None)
     if reshape is not None:
         reshape = _many(_group(reshape, ("shape",), "reshape"), "shape", int)
@@ -285,7 +383,8 @@ def parse_config(text: str) -> Config:
 
     Raises:
         ValueError: syntax outside the subset, an unknown or repeated field, a missing or
-            mistyped value; the message starts with ``line <n>:``.
+            mistyped value; the message starts with ``line <n>:`` (and, for syntax,
+            ``column <m>:``) and names the kind of what was found, never its text.
     """
     top = _group(parse(text), _TOP, "the config")
     config: Config = {
@@ -308,7 +407,37 @@ def parse_config(text: str) -> Config:
             ),
         }
     config["dynamic_batching"] = batching
+    names = {t["name"] for t in config["inputs"]}
+    config["parameters"] = _read_parameters(_many(top, "parameters", Message), names)
     return config
+
+
+def _read_parameters(messages: list[Message], inputs: set[str]) -> dict[str, str]:
+    """Triton's ``parameters`` map (``{ key: "k" value: { string_value: "v" } }`` each) as
+    ``{k: v}``; a ``normport.*`` key must be one this module documents."""
+    out: dict[str, str] = {}
+    for message in messages:
+        g = _group(message, ("key", "value"), "parameters")
+        key = _one(g, "key", str, "parameters")
+        value = _one(g, "value", Message, "parameters")
+        where = "a parameters value"
+        text = _one(_group(value, ("string_value",), where), "string_value", str, where)
+        if key in out:
+            raise ValueError(f"line {message.line}: parameters key repeated")
+        if key.startswith("normport.") and not _known_key(key, inputs):
+            raise ValueError(
+                f"line {message.line}: unknown normport parameters key (allowed: "
+                f"{MAX_SHAPE}<input>, {MIN_SHAPE}<input> for an input of the config, "
+                f"{', '.join(NORMPORT_KEYS)})"
+            )
+        out[key] = text
+    return out
+
+
+def _known_key(key: str, inputs: set[str]) -> bool:
+    if key in NORMPORT_KEYS:
+        return True
+    return any(key.startswith(p) and key[len(p) :] in inputs for p in (MAX_SHAPE, MIN_SHAPE))
 
 
 def read_config(path: str | os.PathLike) -> Config:

@@ -256,6 +256,7 @@ def test_parse_config_accepts_the_subset() -> None:
             {"name": "c", "data_type": "TYPE_BOOL", "dims": [1], "reshape": []},
         ],
         "dynamic_batching": {"preferred_batch_size": [], "max_queue_delay_microseconds": 0},
+        "parameters": {},
     }
 
 
@@ -266,36 +267,52 @@ TENSORS = 'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\noutput [ { 
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        (HEAD + "max_batch_size: 1.5\n", r"line 3: unexpected '1.5'"),
-        (HEAD + "max_batch_size: 8 ;\n", r"line 3: unexpected ';'"),
+        (
+            HEAD + "max_batch_size: 1.5\n",
+            r"line 3, column 17: found a number that is not a plain integer",
+        ),
+        (HEAD + "max_batch_size: 8 ;\n", r"line 3, column 19: found a ';' separator"),
         (
             HEAD + 'input [\n  { name: "x"\n',
-            r"line 5: end of input inside the '\{' opened on line 4",
+            r"line 5, column 1: end of the file inside the '\{' opened on line 4, column 3",
         ),
-        (HEAD + 'input [ { name: "x" dims: [ 1 2 ] } ]\n', r"line 3: expected ',' or '\]'"),
-        (HEAD + "max_batch_size 8\n", r"line 3: expected ':', '\{' or '\[' after 'max_batch_size'"),
-        (HEAD + "}\n", r"line 3: '\}' without a matching '\{'"),
-        (HEAD + 'name: "unterminated\n', r"line 3: unexpected '\"unterminated'"),
+        (
+            HEAD + 'input [ { name: "x" dims: [ 1 2 ] } ]\n',
+            r"line 3, column 31: expected ',' or '\]' in the list opened on line 3, column 27, "
+            r"found an integer",
+        ),
+        (
+            HEAD + "max_batch_size 8\n",
+            r"line 3, column 16: expected ':', '\{' or '\[' after a field name, found an integer",
+        ),
+        (HEAD + "}\n", r"line 3, column 1: '\}' without a matching '\{'"),
+        (
+            HEAD + 'name: "unterminated\n',
+            r"line 3, column 7: found a quoted string not closed on its line",
+        ),
         (
             HEAD + TENSORS + "instance_group [ { count: 1 } ]\n",
-            r"line 5: unknown field 'instance_group' in the config",
+            r"line 5: unknown field in the config \(allowed: name, platform, max_batch_size, ",
         ),
-        (HEAD + TENSORS + 'max_batch_size: "8"\n', r"line 5: 'max_batch_size' must be int"),
+        (
+            HEAD + TENSORS + 'max_batch_size: "8"\n',
+            r"line 5: 'max_batch_size' must be an integer, found a quoted string",
+        ),
         (
             HEAD + TENSORS + "max_batch_size: 1\nmax_batch_size: 2\n",
             r"line 6: 'max_batch_size' repeated",
         ),
         (
             HEAD + 'input [ { name: "x" data_type: TYPE_FLOAT dims: [ 1 ] } ]\n',
-            r"line 3: unknown data_type TYPE_FLOAT",
+            r"line 3: unknown data_type \(allowed: TYPE_BOOL, ",
         ),
         (
             HEAD + '\n\noutput [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] color: 3 } ]\n',
-            r"line 5: unknown field 'color' in output",
+            r"line 5: unknown field in output \(allowed: name, data_type, dims, reshape\)",
         ),
         (
             HEAD + TENSORS + "dynamic_batching { preferred_batch_size: [ TYPE_FP32 ] }\n",
-            r"line 5: 'preferred_batch_size' must hold ints",
+            r"line 5: each 'preferred_batch_size' value must be an integer, found an identifier",
         ),
     ],
 )

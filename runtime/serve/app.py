@@ -19,15 +19,17 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from runtime.serve import inference
+from runtime.serve.admission import Budget
 from runtime.serve.body import DEFAULT_MAX_BODY_BYTES, read_body
 from runtime.serve.errors import BadRequest, ServeError, ServerNotReady, http_status
 from runtime.serve.metrics import CONTENT_TYPE, Metrics
-from runtime.serve.repository import ModelVersion, Repository
+from runtime.serve.probe import DEFAULT_TIMEOUT_S as DEFAULT_LOAD_TIMEOUT_S
+from runtime.serve.repository import ModelVersion, Repository, default_memory_budget
 
 __all__ = ["EXTENSIONS", "SERVER_NAME", "create_app"]
 
@@ -57,6 +59,7 @@ class _Server:
     metrics: Metrics
     max_body_bytes: int
     strict_readiness: bool
+    memory: Budget
     stopping: bool = False
 
 
@@ -102,7 +105,7 @@ class _Handlers:
         if self.server.stopping:
             raise ServerNotReady("the server is shutting down")
         model = self._model(request)
-        return await inference.infer(model, request, self.server.max_body_bytes)
+        return await inference.infer(model, request, self.server.max_body_bytes, self.server.memory)
 
     async def statistics(self, request: Request) -> Response:
         params = request.path_params
@@ -166,6 +169,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client went away (or was cut off: a body timeout) before its request was complete:
+    not a server error.  The response is never sent (uvicorn drops writes to a closed
+    connection); it exists because a handler must return one."""
+    log.debug("client disconnected during %s %s", request.method, request.url.path)
+    return _json({"error": "the client disconnected before the request was complete"}, 400)
+
+
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
     return _json({"error": f"internal server error ({type(exc).__name__})"}, 500)
@@ -179,6 +190,9 @@ def create_app(
     batching: bool = True,
     providers: Sequence[str] | None = None,
     strict_readiness: bool = False,
+    memory_budget: int | None = None,
+    model_memory_budget: int | None = None,
+    load_timeout: float = DEFAULT_LOAD_TIMEOUT_S,
 ) -> Starlette:
     """Load every model of ``repository`` and return the ASGI app serving them.
 
@@ -190,6 +204,11 @@ def create_app(
         providers: onnxruntime execution providers (default: CUDA when available, else CPU).
         strict_readiness: ``/v2/health/ready`` only when every model loaded (Triton's default);
             otherwise ready once loading is done, failed models showing in the index.
+        memory_budget: bytes the requests in flight may take together (estimated; see
+            :mod:`runtime.serve.admission`); default half the machine's memory.
+        model_memory_budget: each model's budget unless its config sets one; default
+            ``memory_budget``.
+        load_timeout: seconds each model may take to load in its probe process.
 
     Raises:
         ValueError: ``repository`` is not a folder, or a bad option.
@@ -198,11 +217,26 @@ def create_app(
         raise ValueError(f"max_body_bytes must be > 0, got {max_body_bytes}")
     if threads < 0:
         raise ValueError(f"threads must be >= 0, got {threads}")
+    for option, value in (
+        ("memory_budget", memory_budget),
+        ("model_memory_budget", model_memory_budget),
+        ("load_timeout", load_timeout),
+    ):
+        if value is not None and not value > 0:
+            raise ValueError(f"{option} must be > 0, got {value}")
+    memory_budget = memory_budget or default_memory_budget()
+    memory = Budget("the server's memory budget", memory_budget, "--memory-budget")
     metrics = Metrics()
     repo = Repository(
-        repository, threads=threads, batching=batching, providers=providers, metrics=metrics
+        repository,
+        threads=threads,
+        batching=batching,
+        providers=providers,
+        metrics=metrics,
+        model_memory_budget=model_memory_budget or memory_budget,
+        load_timeout=load_timeout,
     )
-    server = _Server(repo, metrics, max_body_bytes, strict_readiness)
+    server = _Server(repo, metrics, max_body_bytes, strict_readiness, memory)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -215,6 +249,7 @@ def create_app(
         exception_handlers={
             ServeError: _serve_error,
             HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
             Exception: _internal_error,
         },
         lifespan=lifespan,

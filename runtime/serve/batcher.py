@@ -12,6 +12,11 @@ requests pile up while a run executes and the next run takes them all: that is w
 ``execution_count < inference_count`` comes from.  Without ``dynamic_batching`` (``batching``
 None) every request runs on its own, in arrival order.
 
+Memory: each request carries its estimated run bytes (:mod:`runtime.serve.memory`); a batch
+never adds a request that would take the batch over ``max_batch_bytes`` (the model's memory
+budget), and a run estimated above :data:`runtime.serve.session.SHRINK_ABOVE_BYTES` trims the
+heap when it ends (:func:`runtime.serve.heap.trim`).
+
 A batched run that fails is retried request by request, so one bad request (say, a token id
 outside the vocabulary) fails alone instead of failing its neighbours.
 
@@ -33,7 +38,7 @@ import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from runtime.serve.errors import BadRequest, InferenceFailed, ModelUnavailable, ServeError
-from runtime.serve.session import Session
+from runtime.serve.session import SHRINK_ABOVE_BYTES, Session
 from runtime.serve.spec import Batching
 
 __all__ = ["Batcher", "Execution", "Result"]
@@ -66,6 +71,7 @@ class _Pending:
     batch_size: int
     key: Hashable
     future: asyncio.Future
+    run_bytes: int = 0
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
 
 
@@ -78,6 +84,7 @@ class Batcher:
         max_batch_size: samples per run (0: the model takes no batch dimension).
         batching: when and how to merge requests; None runs each request alone.
         on_execution: called on the event loop after every successful run.
+        max_batch_bytes: the most estimated run bytes one batch may hold (None: no bound).
     """
 
     def __init__(
@@ -88,12 +95,14 @@ class Batcher:
         max_batch_size: int,
         batching: Batching | None,
         on_execution: Callable[[Execution], None] = lambda _: None,
+        max_batch_bytes: int | None = None,
     ) -> None:
         self._session = session
         self._model = model
         self._max_batch_size = max_batch_size
         self._batching = batching if max_batch_size > 0 else None
         self._on_execution = on_execution
+        self._max_batch_bytes = max_batch_bytes
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{model}")
         self._pending: collections.deque[_Pending] = collections.deque()
         self._queued_samples: collections.Counter[Hashable] = collections.Counter()
@@ -102,8 +111,11 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._closed = False
 
-    async def infer(self, inputs: dict[str, np.ndarray], batch_size: int) -> Result:
-        """Queue one request (graph-facing arrays, ``batch_size`` samples) and await its result.
+    async def infer(
+        self, inputs: dict[str, np.ndarray], batch_size: int, run_bytes: int = 0
+    ) -> Result:
+        """Queue one request (graph-facing arrays, ``batch_size`` samples, onnxruntime's
+        estimated working memory for it) and await its result.
 
         Raises:
             ModelUnavailable: the batcher is closed (the server is stopping).
@@ -115,7 +127,7 @@ class Batcher:
         self._ensure_worker()
         assert self._wakeup is not None  # set by _ensure_worker
         key = tuple((name, a.shape[1:]) for name, a in inputs.items())
-        item = _Pending(inputs, batch_size, key, self._loop.create_future())
+        item = _Pending(inputs, batch_size, key, self._loop.create_future(), run_bytes)
         self._pending.append(item)
         self._queued_samples[key] += batch_size
         self._wakeup.set()
@@ -189,15 +201,22 @@ class Batcher:
                 pass
 
     def _take(self) -> list[_Pending]:
-        """The oldest request and the later ones sharing its key, up to max_batch_size."""
+        """The oldest request and the later ones sharing its key, up to max_batch_size samples
+        and max_batch_bytes estimated bytes."""
         first = self._pending.popleft()
-        batch, samples = [first], first.batch_size
+        batch, samples, size = [first], first.batch_size, first.run_bytes
+        limit = self._max_batch_bytes
         if self._batching is not None and self._pending:
             kept: collections.deque[_Pending] = collections.deque()
             for item in self._pending:
-                if item.key == first.key and samples + item.batch_size <= self._max_batch_size:
+                if (
+                    item.key == first.key
+                    and samples + item.batch_size <= self._max_batch_size
+                    and (limit is None or size + item.run_bytes <= limit)
+                ):
                     batch.append(item)
                     samples += item.batch_size
+                    size += item.run_bytes
                 else:
                     kept.append(item)
             self._pending = kept
@@ -215,7 +234,10 @@ class Batcher:
         dispatched = time.perf_counter_ns()
         try:
             outputs, execution = await self._loop.run_in_executor(
-                self._executor, self._run, [item.inputs for item in batch]
+                self._executor,
+                self._run,
+                [item.inputs for item in batch],
+                sum(item.run_bytes for item in batch) >= SHRINK_ABOVE_BYTES,
             )
         except Exception as error:
             if len(batch) > 1:  # find the culprit: run each request on its own
@@ -232,7 +254,7 @@ class Batcher:
     # -- the worker thread -----------------------------------------------------------------
 
     def _run(
-        self, requests: list[dict[str, np.ndarray]]
+        self, requests: list[dict[str, np.ndarray]], shrink: bool
     ) -> tuple[list[dict[str, np.ndarray]], Execution]:
         t0 = time.perf_counter_ns()
         if len(requests) == 1:
@@ -240,7 +262,7 @@ class Batcher:
         else:
             feeds = {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}
         t1 = time.perf_counter_ns()
-        outputs = self._session.run(feeds)
+        outputs = self._session.run(feeds, shrink=shrink)
         t2 = time.perf_counter_ns()
         sizes = [len(next(iter(r.values()))) for r in requests] if self._max_batch_size else [1]
         split = self._split(outputs, sizes) if len(requests) > 1 else [outputs]

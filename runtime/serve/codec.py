@@ -6,6 +6,10 @@ order those inputs appear in the header.  Binary data is little-endian, row-majo
 byte 0/1; BYTES elements are ``<u32 LE length><bytes>``.
 
 Every problem is a :class:`~runtime.serve.errors.BadRequest` naming the model and the tensor.
+A shape is admitted when it matches the config's ``dims``, each size is within the ONNX dim
+range (``2**63 - 1``) and the model's bounds (:attr:`TensorSpec.min_dims` / ``max_dims``, from
+``normport.{min,max}_shape.<input>``), and its nonzero dims span at most ``2**63 - 1`` bytes;
+anything else would fail inside numpy or onnxruntime (a 500) instead of being refused here.
 Decoded arrays come out in the internal representation of :mod:`runtime.serve.datatypes`,
 shaped as the graph takes them (the config's ``reshape`` applied).
 """
@@ -31,6 +35,7 @@ _U32 = struct.Struct("<I")
 _UNSUPPORTED_REQUEST = ("sequence_id", "sequence_start", "sequence_end")
 _UNSUPPORTED_TENSOR = ("shared_memory_region", "shared_memory_byte_size", "classification")
 _NON_FINITE_BF16 = 0x7F80  # exponent bits all set: Inf or NaN
+_INT64_MAX = 2**63 - 1  # the largest ONNX dim, and the most bytes numpy can address
 
 
 @dataclass(frozen=True)
@@ -179,7 +184,30 @@ def _check_header(spec: ModelSpec, t: TensorSpec, entry: dict[str, Any], where: 
         e != -1 and d != e for d, e in zip(shape, expected, strict=True)
     ):
         raise BadRequest(f"{where}: shape {shape} does not match {expected}")
+    for axis, size in enumerate(shape):
+        if size > _INT64_MAX:
+            raise BadRequest(f"{where}: axis {axis} is {size}, over the largest ONNX dim 2**63 - 1")
+    _check_bounds(t, shape, 1 if spec.batched else 0, where)
+    # numpy sizes strides from the nonzero dims even when a dim is 0 (no elements): a shape
+    # like [1, 0, 2**62] holds nothing yet cannot be made.
+    span = math.prod(d for d in shape if d) * t.datatype.numpy.itemsize
+    if span > _INT64_MAX:
+        raise BadRequest(
+            f"{where}: shape {shape} is too large: its nonzero dims span {span} bytes, over "
+            "the 2**63 - 1 an array can address"
+        )
     return shape
+
+
+def _check_bounds(t: TensorSpec, shape: list[int], first: int, where: str) -> None:
+    """The model's per-sample bounds; ``first`` is the client axis of the first per-sample dim."""
+    for i, size in enumerate(shape[first:]):
+        high = -1 if t.max_dims is None else t.max_dims[i]
+        low = -1 if t.min_dims is None else t.min_dims[i]
+        if high != -1 and size > high:
+            raise BadRequest(f"{where}: axis {first + i} is {size}, the model takes at most {high}")
+        if low != -1 and size < low:
+            raise BadRequest(f"{where}: axis {first + i} is {size}, the model takes at least {low}")
 
 
 def _from_binary(dt: DataType, blob: memoryview, count: int, where: str) -> np.ndarray:

@@ -13,6 +13,7 @@ __all__ = [
     "ModelUnavailable",
     "PayloadTooLarge",
     "ServeError",
+    "ServerBusy",
     "ServerNotReady",
     "http_status",
 ]
@@ -42,6 +43,10 @@ class PayloadTooLarge(ServeError):
     """The request body (compressed or decompressed) is over the configured limit."""
 
 
+class ServerBusy(ServeError):
+    """The request fits the memory budgets, but not what the requests in flight leave free."""
+
+
 class InferenceFailed(ServeError):
     """onnxruntime failed to run a valid request, or produced outputs the config contradicts."""
 
@@ -53,6 +58,7 @@ _STATUS: dict[type[ServeError], int] = {
     InferenceFailed: 500,
     ModelUnavailable: 503,
     ServerNotReady: 503,
+    ServerBusy: 503,
 }
 
 

@@ -1,4 +1,4 @@
-"""The test model repository: three zoo exports, small hand-made models (one per datatype, a
+"""The test model repository: four zoo exports, small hand-made models (one per datatype, a
 two-input model, versions, a reshape, no batching, external data) and broken models.
 
 Every hand-made graph is built with ``onnx.helper``; ``REFERENCE`` runs any of them directly in
@@ -24,7 +24,7 @@ from models import zoo
 
 __all__ = ["BROKEN", "DATATYPES", "ZOO", "build_repository", "reference_run"]
 
-ZOO = ("cnn_bn", "seq_bn", "transformer_ln")
+ZOO = ("cnn_bn", "seq_bn", "transformer_ln", "llm_rms")  # the last two: seq_len <= 64
 OPSET = 21
 MAX_BATCH = 8
 

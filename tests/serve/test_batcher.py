@@ -20,23 +20,30 @@ class FakeSession:
 
     def __init__(self) -> None:
         self.batches: list[int] = []
+        self.shrinks: list[bool] = []
         self.gate = threading.Event()
         self.entered = threading.Event()
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], *, shrink: bool = False) -> dict[str, np.ndarray]:
         self.entered.set()
         self.gate.wait(10)
         x = feeds["x"]
         self.batches.append(len(x))
+        self.shrinks.append(shrink)
         if (x == -1).any():
             raise ValueError("poisoned input")
         return {"y": x * 2}
 
 
-def batcher(session: FakeSession, batching: Batching | None, max_batch_size: int = 8) -> Batcher:
+def batcher(
+    session: FakeSession,
+    batching: Batching | None,
+    max_batch_size: int = 8,
+    max_batch_bytes: int | None = None,
+) -> Batcher:
     executions: list[Execution] = []
     b = Batcher(session, "fake:1", max_batch_size=max_batch_size, batching=batching,
-                on_execution=executions.append)  # fmt: skip
+                on_execution=executions.append, max_batch_bytes=max_batch_bytes)  # fmt: skip
     b.executions = executions  # type: ignore[attr-defined]
     return b
 
@@ -45,11 +52,14 @@ def request(value: float, batch: int = 1, width: int = 3) -> dict[str, np.ndarra
     return {"x": np.full((batch, width), value, np.float32)}
 
 
-async def queue_behind_first(b: Batcher, session: FakeSession, requests: list) -> list:
-    """Run ``requests[0]`` (held at the gate), queue the rest behind it, then open the gate."""
-    first = asyncio.ensure_future(b.infer(requests[0], len(requests[0]["x"])))
+async def queue_behind_first(
+    b: Batcher, session: FakeSession, requests: list, run_bytes: int = 0
+) -> list:
+    """Run ``requests[0]`` (held at the gate), queue the rest behind it, then open the gate;
+    each request is charged ``run_bytes``."""
+    first = asyncio.ensure_future(b.infer(requests[0], len(requests[0]["x"]), run_bytes))
     await asyncio.to_thread(session.entered.wait, 10)
-    rest = [asyncio.ensure_future(b.infer(r, len(r["x"]))) for r in requests[1:]]
+    rest = [asyncio.ensure_future(b.infer(r, len(r["x"]), run_bytes)) for r in requests[1:]]
     await asyncio.sleep(0.01)  # all queued
     session.gate.set()
     return await asyncio.gather(first, *rest, return_exceptions=True)
@@ -162,9 +172,29 @@ def test_onnxruntime_invalid_argument_is_a_bad_request() -> None:
     from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
     class Refusing(FakeSession):
-        def run(self, feeds):
+        def run(self, feeds, *, shrink=False):
             raise InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : bad index\nmore")
 
     b = batcher(Refusing(), None)
     with pytest.raises(BadRequest, match=r"^model 'fake:1' refused the request: .*bad index$"):
         asyncio.run(b.infer(request(1), 1))
+
+
+def test_a_batch_never_holds_more_estimated_bytes_than_the_budget() -> None:
+    """Seven requests of 100 bytes queue behind a first one; with 250 bytes a batch the queue
+    runs as 2 + 2 + 2 + 1, where samples alone would have allowed all seven at once."""
+    session = FakeSession()
+    b = batcher(session, SLOW, max_batch_size=8, max_batch_bytes=250)
+    results = asyncio.run(queue_behind_first(b, session, [request(i) for i in range(8)], 100))
+    assert session.batches == [1, 2, 2, 2, 1]
+    for i, result in enumerate(results):  # each still gets its own answer
+        np.testing.assert_array_equal(result.outputs["y"], request(i)["x"] * 2)
+
+
+@pytest.mark.parametrize(("run_bytes", "shrink"), [(1 << 20, False), (1 << 30, True)])
+def test_a_large_run_gives_its_memory_back(run_bytes: int, shrink: bool) -> None:
+    session = FakeSession()
+    session.gate.set()
+    b = batcher(session, None)
+    asyncio.run(b.infer(request(1), 1, run_bytes))
+    assert session.shrinks == [shrink]

@@ -1,9 +1,11 @@
-"""Graceful shutdown, onnxruntime off the event loop, the CLI, and the in-process app."""
+"""Graceful shutdown, onnxruntime off the event loop, the CLI, the in-process app, and the
+connection limits' settings (their enforcement: tests/serve/abuse/test_protocol_abuse.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -15,7 +17,8 @@ import pytest
 
 from runtime.serve import create_app
 from runtime.serve.cli import main
-from runtime.serve.server import BackgroundServer
+from runtime.serve.limits import FD_RESERVE, HttpLimits, connection_cap, fd_soft_limit
+from runtime.serve.server import BackgroundServer, uvicorn_config
 
 
 @pytest.fixture
@@ -36,10 +39,10 @@ def test_shutdown_finishes_in_flight_requests_and_onnxruntime_is_off_the_loop(sm
     entered, gate = threading.Event(), threading.Event()
     real_run = session.run
 
-    def held_run(feeds):  # the first run blocks in the worker thread until the gate opens
+    def held_run(feeds, **options):  # the first run blocks in the worker thread till the gate opens
         entered.set()
         gate.wait(20)
-        return real_run(feeds)
+        return real_run(feeds, **options)
 
     session.run = held_run
     server = BackgroundServer(app).start()
@@ -125,6 +128,13 @@ def test_two_apps_in_one_process_have_their_own_metrics(small_repo) -> None:
         (["--repository", "/nonexistent/repository"], "is not a folder"),
         (["--threads", "-1"], "--threads must be >= 0"),
         (["--max-body-bytes", "0"], "must be > 0"),
+        (["--header-timeout", "0"], "--header-timeout: must be a number of seconds > 0, got 0"),
+        (["--body-timeout", "-1"], "--body-timeout: must be a number of seconds > 0, got -1"),
+        (["--body-deadline", "nan"], "--body-deadline: must be a number of seconds > 0, got nan"),
+        (["--keep-alive-timeout", "x"], "--keep-alive-timeout: invalid _seconds value: 'x'"),
+        (["--exit-timeout", "inf"], "--exit-timeout: must be a number of seconds > 0, got inf"),
+        (["--max-header-bytes", "0"], "--max-header-bytes: must be > 0, got 0"),
+        (["--max-connections", "-1"], "--max-connections: must be >= 0, got -1"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv: list[str], message: str, capsys) -> None:
@@ -142,3 +152,50 @@ def test_strict_readiness(repo_root: Path, small_repo: Path) -> None:
     shutil.copytree(repo_root / "broken_truncated", small_repo / "broken_truncated")
     assert asyncio.run(ready(create_app(small_repo))) == 200
     assert asyncio.run(ready(create_app(small_repo, strict_readiness=True))) == 503
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("header_timeout", 0, r"header_timeout must be a finite number > 0, got 0"),
+        ("body_timeout", float("nan"), r"body_timeout must be a finite number > 0, got nan"),
+        ("body_deadline", -1.0, r"body_deadline must be a finite number > 0, got -1.0"),
+        ("keep_alive_timeout", float("inf"), r"keep_alive_timeout .* got inf"),
+        ("max_header_bytes", 0, r"max_header_bytes must be a finite number > 0, got 0"),
+        ("max_connections", -1, r"max_connections must be a finite number >= 0, got -1"),
+        ("exit_timeout", "30", r"exit_timeout must be a finite number > 0, got '30'"),
+    ],
+)
+def test_limits_reject_bad_values(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        HttpLimits(**{field: value})
+
+
+def test_limits_reach_uvicorn() -> None:
+    limits = HttpLimits(keep_alive_timeout=7.5, exit_timeout=12.0, max_connections=0)
+    config = uvicorn_config(object(), "127.0.0.1", 0, limits=limits)
+    assert (config.timeout_keep_alive, config.timeout_graceful_shutdown) == (7.5, 12.0)
+    assert config.http.keywords == {"limits": limits, "max_connections": connection_cap(0)}
+    soft = fd_soft_limit()
+    assert connection_cap(0) == (soft - FD_RESERVE if soft > 0 else 1024 - FD_RESERVE)
+    assert connection_cap(300) == 300
+
+
+def test_background_server_enforces_its_limits(small_repo) -> None:
+    """The limits given to BackgroundServer reach each connection (a partial request line is
+    answered 408 after header_timeout, not left open)."""
+    limits = HttpLimits(header_timeout=0.3, keep_alive_timeout=0.3)
+    with BackgroundServer(create_app(small_repo), limits=limits) as server:
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        start = time.monotonic()
+        with sock:
+            sock.sendall(b"GET /v2/health/li")
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        elapsed = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert answer.endswith(
+        b'{"error":"request headers not received within 0.3 s (--header-timeout)"}'
+    )
+    assert 0.25 <= elapsed < 5, elapsed

@@ -50,8 +50,8 @@ BREAKAGES: dict[str, tuple[Callable[[Path, Path], None], str, str]] = {
     "symlink-outside": (_symlink_outside, "1", r"model\.onnx resolves outside the model folder"),
     "no-config": (_no_config, "", r"no config\.pbtxt"),
     "no-version": (_no_version, "", r"no version folder"),
-    "config-name": (_renamed, "", r"config name 'other' differs from the folder name"),
-    "platform": (_other_platform, "", r"platform 'tensorrt_plan' is not 'onnxruntime_onnx'"),
+    "config-name": (_renamed, "", r"the name in config\.pbtxt differs from the folder name"),
+    "platform": (_other_platform, "", r"the platform in config\.pbtxt is not 'onnxruntime_onnx'"),
     "empty-file": (_empty_file, "1", r"corrupt or truncated model file: no graph"),
     "version-without-model": (_version_without_model, "2", r"no model\.onnx in version folder 2"),
 }
