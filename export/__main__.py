@@ -9,11 +9,22 @@
              [--max-batch-size N] [--inline]
 
 Writes ``<out>/<name>/config.pbtxt`` and ``<out>/<name>/1/model.onnx`` per network (see
-:mod:`export.repository`), a progress line per network on stderr and a summary table on
-stdout.  Eval graphs are served with dynamic batching (``--max-batch-size``, 64 unless given;
-0 lists full shapes instead); train graphs are written with ``max_batch_size: 0`` (full
-shapes, no batching): their batch statistics must not mix requests and their
-running-statistics inputs/outputs have no batch axis.
+:mod:`export.repository`), progress on stderr (``[i/N] name: exporting ...``, then the result
+line) and a summary table on stdout.
+
+Names: a zoo network keeps its name in eval mode and gets ``<name>_train`` in train mode, so
+that a train export never replaces the eval model that is served; ``--name`` is used as given,
+and a folder that already holds a model of the other mode (its ``mode`` metadata) is refused.
+
+Batching: before each eval export, :func:`export.batch_mates.measure` runs the module on its
+example batch (>= 2 samples) once whole and once per sample.  A model whose outputs do not
+depend on the batch-mates gets ``dynamic_batching`` (``--max-batch-size``, 64 unless given; 0
+lists full shapes instead).  One whose outputs do (batch statistics in eval, anything reducing
+over axis 0) keeps ``max_batch_size`` (a client may still send its own batch) but gets no
+``dynamic_batching``: the result line says which outputs change and by how much, and
+``config.pbtxt`` says it in a ``#`` comment.  Train graphs are written with
+``max_batch_size: 0`` (full shapes, no batching): their batch statistics must not mix requests
+and their running-statistics inputs/outputs have no batch axis.
 
 ``--module pkg.mod:factory`` exports your own model under ``--name``: the factory follows the
 protocol of :mod:`export.factory` (it returns ``(module, example_inputs)``, or a module with an
@@ -26,17 +37,16 @@ normalization-like module that did not become one node, with the reason
 (:func:`layer_table`, from the model's ``metadata_props``).
 
 Exit status: 0 when every network was written, 1 when any failed (the others are still
-exported), 2 for bad arguments, checked before any export: an unknown network name, a
-``--name`` that is not a Triton model name, an ``--out`` that is (or lies under) a file, a
-``--module`` that does not load or whose factory breaks the protocol; each is one line on
-stderr.
+exported), 2 for bad arguments, checked before any model is built: an unknown network name, a
+``--name`` that is not a Triton model name, an ``--out`` that is (or lies under) a file or is
+not writable, a model folder holding the other mode's model (or a model file that does not
+parse), a ``--module`` that does not load or whose factory breaks the protocol; each is one
+line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 import time
@@ -46,9 +56,19 @@ from pathlib import Path
 
 import onnx
 import torch
+from torch import nn
 
 import export
-from export import factory
+from export import batch_mates, factory
+from export._layers_table import (
+    LAYERS_KEY,
+    NORM_OPS,
+    UNRECOGNIZED_KEY,
+    align,
+    layer_table,
+    norm_ops,
+)
+from export._preflight import mode_problem, out_problem
 from export.api import MODES
 from export.repository import MODEL_NAME, VERSION, write_model
 from models import zoo
@@ -61,51 +81,31 @@ __all__ = [
     "layer_table",
     "main",
     "norm_ops",
+    "repository_name",
     "valid_model_name",
 ]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-NORM_OPS = frozenset(
-    {
-        "BatchNormalization",
-        "LayerNormalization",
-        "InstanceNormalization",
-        "GroupNormalization",
-        "RMSNormalization",
-    }
-)
-LAYERS_KEY = "normalization_layers"  # metadata_props: JSON list, one object per layer
-UNRECOGNIZED_KEY = "normport.unrecognized"  # JSON list: norm-like modules not one node
-_LAYER_FIELDS = ("path", "cls", "kind", "source", "node")
-_UNRECOGNIZED_FIELDS = ("path", "cls", "why")
-_STANDARD_DOMAINS = ("", "ai.onnx")
-_FUNCTION_DOMAIN = "normport"
+TRAIN_SUFFIX = "_train"
 _BATCH_SIZE = 4  # example batch for tracing: > 1 so that no axis-0 size gets specialised
 _MAX_BATCH_SIZE = 64
 # A Triton model name is its folder's name and a path segment of /v2/models/<name>: keep to
 # characters that need no escaping in either, and no leading '.' (hidden) or '-' (an option).
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_EXAMPLES = """\
+examples:
+  python -m export --all                            every zoo network, eval, into model_repository/
+  python -m export --model cnn_bn --mode train      writes model_repository/cnn_bn_train/
+  python -m export --model seq_bn --opset 17 --dtype float16 --out /tmp/repo
+  python -m export --module mypkg.nets:make --name mynet --max-batch-size 8
 
-
-@dataclass
-class _Row:
-    name: str
-    nodes: int | None = None
-    norm_ops: str = "-"
-    size_kb: float | None = None
-    seconds: float | None = None
-    error: str | None = None
-
-
-def norm_ops(model: onnx.ModelProto) -> list[str]:
-    """The normalization op types of ``model``'s graph: standard ops and normport functions."""
-    found = {
-        node.op_type
-        for node in model.graph.node
-        if (node.domain in _STANDARD_DOMAINS and node.op_type in NORM_OPS)
-        or node.domain == _FUNCTION_DOMAIN
-    }
-    return sorted(found)
+names: zoo networks keep their name in eval mode and get '<name>_train' in train mode; --name
+is used as given, and a folder that holds a model of the other mode is never overwritten.
+batching: each eval model is run on its example batch, whole and one sample at a time; only a
+model whose outputs do not depend on their batch-mates gets dynamic_batching (the others keep
+max_batch_size, and the reason is printed and written as a comment in config.pbtxt).
+exit status: 0 all written, 1 some export failed, 2 bad arguments (checked before exporting).
+"""
 
 
 def valid_model_name(name: str) -> bool:
@@ -113,79 +113,9 @@ def valid_model_name(name: str) -> bool:
     return bool(_MODEL_NAME.fullmatch(name))
 
 
-def _metadata_list(model: onnx.ModelProto, key: str, fields: tuple[str, ...]) -> list[dict]:
-    """``metadata_props[key]`` as a JSON list of objects with string ``fields``; [] if absent."""
-    raw = next((p.value for p in model.metadata_props if p.key == key), None)
-    if raw is None or not raw.strip():
-        return []
-    try:
-        entries = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"metadata_props[{key!r}] is not JSON ({err}): {raw[:80]!r}") from None
-    if not isinstance(entries, list):
-        raise ValueError(f"metadata_props[{key!r}] must be a JSON list, got {raw[:80]!r}")
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not all(isinstance(entry.get(f), str) for f in fields):
-            raise ValueError(
-                f"metadata_props[{key!r}][{i}] must be an object with string fields "
-                f"{', '.join(fields)}; got {json.dumps(entry)[:120]}"
-            )
-    return entries
-
-
-def _align(rows: list[list[str]], numeric: frozenset[int] = frozenset()) -> list[str]:
-    """``rows[0]`` is the header; a rule of dashes goes under it; columns padded to fit."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(
-            c.rjust(w) if i in numeric else c.ljust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
-
-
-def layer_table(model: onnx.ModelProto) -> str:
-    """What became of ``model``'s normalization layers, from its ``metadata_props``.
-
-    :data:`LAYERS_KEY` holds one object per layer (``path``, ``cls``, ``kind``, ``source``:
-    ``module`` / ``functional`` / ``handwritten``, and ``node``, the op or function it became);
-    :data:`UNRECOGNIZED_KEY` (optional) one per normalization-like module that did not become
-    one node (``path``, ``cls``, ``why``).  Returns aligned tables::
-
-        normalization layers: 2
-        path  class        kind       source  node
-        ----  -----------  ---------  ------  ------------------
-        1     BatchNorm2d  batchnorm  module  BatchNormalization
-        ...
-
-    Raises:
-        ValueError: :data:`LAYERS_KEY` is missing (not a normport export), or either value is
-            not a JSON list of objects with those string fields (naming the key and entry).
-    """
-    if not any(p.key == LAYERS_KEY for p in model.metadata_props):
-        raise ValueError(
-            f"the model has no metadata_props[{LAYERS_KEY!r}]: not written by export.to_onnx"
-        )
-    layers = _metadata_list(model, LAYERS_KEY, _LAYER_FIELDS)
-    partly = _metadata_list(model, UNRECOGNIZED_KEY, _UNRECOGNIZED_FIELDS)
-    lines = [f"normalization layers: {len(layers) or 'none found'}"]
-    if layers:
-        rows = [
-            [e["path"] or "<root>", e["cls"], e["kind"], e["source"], e["node"]] for e in layers
-        ]
-        lines += _align([["path", "class", "kind", "source", "node"], *rows])
-    if partly:
-        lines.append(f"normalization-like, not one node: {len(partly)}")
-        rows = [[e["path"] or "<root>", e["cls"], e["why"]] for e in partly]
-        lines += _align([["path", "class", "why"], *rows])
-    return "\n".join(lines)
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the empty ones (None, False) of options that have none."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults, except the empty ones (None, False) of options that have none; keeps
+    the epilog's lines."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or action.default is False:
@@ -199,12 +129,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Export zoo networks, or your own model, to ONNX into a Triton Inference "
         "Server model repository: <out>/<name>/config.pbtxt and <out>/<name>/1/model.onnx.",
         formatter_class=_HelpFormatter,
+        epilog=_EXAMPLES,
     )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--model", action="append", metavar="NAME", help=f"a zoo network: {', '.join(zoo.names())}"
     )
-    which.add_argument("--all", action="store_true", help="every zoo network")
+    which.add_argument(
+        "--all", action="store_true", help="every zoo network (train mode: as <name>_train)"
+    )
     which.add_argument(
         "--module",
         metavar="PKG.MOD:FACTORY",
@@ -212,8 +145,8 @@ def _parser() -> argparse.ArgumentParser:
         "an example_inputs(batch_size, seed) method (protocol: export.factory); needs --name",
     )
     parser.add_argument(
-        "--name", help="the --module model's name in the repository (its folder): "
-        "letters, digits, '_', '.', '-'"
+        "--name", help="the --module model's name in the repository (its folder), used as "
+        "given in both modes: letters, digits, '_', '.', '-'"
     )  # fmt: skip
     parser.add_argument(
         "--mode",
@@ -242,29 +175,21 @@ def _parser() -> argparse.ArgumentParser:
         "--max-batch-size",
         type=int,
         metavar="N",
-        help=f"eval graphs: Triton's max_batch_size (default {_MAX_BATCH_SIZE}); 0 writes full "
-        "shapes and no dynamic batching (train graphs: always 0)",
+        help=f"eval graphs: Triton's max_batch_size (default {_MAX_BATCH_SIZE}); dynamic "
+        "batching only for models whose outputs do not depend on their batch-mates; 0 writes "
+        "full shapes and no batching (train graphs: always 0)",
     )
     parser.add_argument("--inline", action="store_true", help="inline the ONNX functions")
     return parser
 
 
-def _out_problem(out: Path) -> str | None:
-    """Why ``out`` cannot be the repository folder, or None."""
-    if out.exists():
-        if not out.is_dir():
-            return f"--out {str(out)!r} is a file, expected a folder"
-        return None if os.access(out, os.W_OK) else f"--out {str(out)!r} is not writable"
-    existing = next(p for p in out.absolute().parents if p.exists())  # "/" always exists
-    if not existing.is_dir():
-        return f"--out {str(out)!r}: {str(existing)!r} is a file, expected a folder"
-    if not os.access(existing, os.W_OK):
-        return f"--out {str(out)!r}: cannot create it in {str(existing)!r} (not writable)"
-    return None
+def repository_name(name: str, mode: str) -> str:
+    """A zoo network's folder: ``name`` in eval mode, ``name_train`` in train mode."""
+    return name + TRAIN_SUFFIX if mode == "train" else name
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """The usage errors found after parsing: one line on stderr, exit status 2."""
+    """The usage errors found from the arguments alone: one line on stderr, exit status 2."""
     if args.module is not None and args.name is None:
         problem = "--module needs --name NAME (the model's folder in the repository)"
     elif args.module is None and args.name is not None:
@@ -281,9 +206,30 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     elif args.mode == "train" and args.max_batch_size:
         problem = "--max-batch-size: train graphs are written with 0 (no batching)"
     else:
-        problem = _out_problem(Path(args.out))
+        problem = out_problem(Path(args.out))
     if problem is not None:
         parser.exit(2, f"{parser.prog}: error: {problem}\n")
+
+
+def _targets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(zoo name or None, repository name)`` per model, after the folder checks (exit 2)."""
+    if args.module is not None:
+        targets = [("", args.name)]
+    else:
+        known = zoo.names()
+        names = known if args.all else list(dict.fromkeys(args.model))
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            parser.error(
+                f"unknown model(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
+            )
+        targets = [(n, repository_name(n, args.mode)) for n in names]
+    renamable = args.module is not None
+    for _, name in targets:
+        problem = mode_problem(Path(args.out), name, args.mode, renamable=renamable)
+        if problem is not None:
+            parser.exit(2, f"{parser.prog}: error: {problem}\n")
+    return targets
 
 
 def _max_batch_size(args: argparse.Namespace) -> int:
@@ -292,26 +238,60 @@ def _max_batch_size(args: argparse.Namespace) -> int:
     return _MAX_BATCH_SIZE if args.max_batch_size is None else args.max_batch_size
 
 
-def _write(name: str, model: onnx.ModelProto, args: argparse.Namespace, start: float) -> _Row:
-    folder = write_model(args.out, name, model, max_batch_size=_max_batch_size(args))
+@dataclass
+class _Row:
+    name: str
+    nodes: int | None = None
+    norm_ops: str = "-"
+    size_kb: float | None = None
+    seconds: float | None = None
+    batching: str = "-"  # "dynamic", "off" (batch-dependent), "-" (no batching at all)
+    note: str = ""  # why batching is off
+    error: str | None = None
+
+
+def _batching(module: nn.Module, example: tuple, args: argparse.Namespace) -> bool | str:
+    """True when ``module`` may get dynamic batching, else why not (:mod:`export.batch_mates`)."""
+    if _max_batch_size(args) == 0:
+        return False
+    if example[0].dim() == 0 or example[0].shape[0] < 2:
+        return (
+            "could not check whether outputs depend on their batch-mates: the example batch "
+            "has fewer than 2 samples (give the factory an example batch of 2 or more)"
+        )
+    try:
+        mates = batch_mates.measure(module, example)
+    except Exception as e:  # the export itself will say what is wrong with the module
+        return f"could not check whether outputs depend on their batch-mates: {e}"
+    return batch_mates.reason(mates) or True
+
+
+def _write(
+    name: str, model: onnx.ModelProto, args: argparse.Namespace, start: float, batching: bool | str
+) -> _Row:
+    folder = write_model(
+        args.out, name, model, max_batch_size=_max_batch_size(args), dynamic_batching=batching
+    )
     return _Row(
         name,
         nodes=len(model.graph.node),
         norm_ops=",".join(norm_ops(model)) or "-",
         size_kb=(folder / VERSION / MODEL_NAME).stat().st_size / 1024,
         seconds=time.perf_counter() - start,
+        batching="dynamic" if batching is True else "off" if isinstance(batching, str) else "-",
+        note=batching if isinstance(batching, str) else "",
     )
 
 
-def _export_one(name: str, args: argparse.Namespace) -> _Row:
-    spec = zoo.get(name)
-    module = spec.build()
-    if args.mode == "train":
-        module.train()
+def _export_one(zoo_name: str, name: str, args: argparse.Namespace) -> _Row:
+    spec = zoo.get(zoo_name)
     start = time.perf_counter()
+    module = spec.build().train(args.mode == "train")
+    example = spec.example_inputs(_BATCH_SIZE)
+    batching = _batching(module, example, args) if args.mode == "eval" else False
     model = export.to_onnx(
         module,
-        spec.example_inputs(_BATCH_SIZE),
+        example,
         mode=args.mode,
         opset=args.opset,
         dynamic=spec.dynamic_dims,
@@ -320,13 +300,14 @@ def _export_one(name: str, args: argparse.Namespace) -> _Row:
         input_names=spec.input_names,
         output_names=spec.output_names,
     )
-    return _write(name, model, args, start)
+    return _write(name, model, args, start, batching)
 
 
 def _export_module(made: factory.Made, name: str, args: argparse.Namespace) -> tuple[_Row, str]:
     """Export the factory's module as ``name``; returns its row and its :func:`layer_table`."""
-    module = made.module.train(args.mode == "train")
     start = time.perf_counter()
+    module = made.module.train(args.mode == "train")
+    batching = _batching(module, made.example, args) if args.mode == "eval" else False
     model = export.to_onnx(
         module,
         made.example,
@@ -336,11 +317,24 @@ def _export_module(made: factory.Made, name: str, args: argparse.Namespace) -> t
         inline=args.inline,
     )
     layers = layer_table(model)  # before writing: a model that breaks the contract is not kept
-    return _write(name, model, args, start), layers
+    return _write(name, model, args, start, batching), layers
+
+
+def _result_line(row: _Row) -> str:
+    """The progress result: ``ok (...)`` and the batching decision."""
+    batching = {
+        "dynamic": "dynamic batching",
+        "off": f"no dynamic batching: {row.note}",
+        "-": "no batching (max_batch_size 0)",
+    }[row.batching]
+    return f"ok ({row.nodes} nodes, {row.size_kb:.1f} KB, {row.seconds:.2f} s); {batching}"
 
 
 def _table(rows: list[_Row], args: argparse.Namespace) -> str:
-    header = ["name", "mode", "opset", "dtype", "nodes", "norm ops", "size KB", "seconds", "status"]
+    header = [
+        "name", "mode", "opset", "dtype", "nodes", "norm ops", "size KB", "seconds", "batching",
+        "status",
+    ]  # fmt: skip
     cells = [header]
     for r in rows:
         cells.append(
@@ -353,10 +347,15 @@ def _table(rows: list[_Row], args: argparse.Namespace) -> str:
                 r.norm_ops,
                 "-" if r.size_kb is None else f"{r.size_kb:.1f}",
                 "-" if r.seconds is None else f"{r.seconds:.2f}",
+                r.batching,
                 "ok" if r.error is None else "FAILED",
             ]
         )
-    return "\n".join(_align(cells, numeric=frozenset({2, 4, 6, 7})))
+    return "\n".join(align(cells, numeric=frozenset({2, 4, 6, 7})))
+
+
+def _progress(i: int, n: int, name: str, what: str) -> None:
+    print(f"[{i}/{n}] {name}: {what}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -364,25 +363,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _check(parser, args)
+    targets = _targets(parser, args)  # every check before any model is built
     if args.module is not None:
         try:
             made = factory.build(args.module, batch_size=_BATCH_SIZE)
         except factory.FactoryError as err:
             parser.exit(2, f"{parser.prog}: error: {err}\n")
         return _main_module(made, args)
-    known = zoo.names()
-    names = known if args.all else list(dict.fromkeys(args.model))
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
     rows = []
-    for i, name in enumerate(names, 1):
-        print(f"[{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
+    for i, (zoo_name, name) in enumerate(targets, 1):
+        _progress(i, len(targets), name, "exporting ...")
         try:
-            rows.append(_export_one(name, args))
+            rows.append(_export_one(zoo_name, name, args))
         except Exception as e:  # report, and go on with the other networks
             print(f"error: {name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             rows.append(_Row(name, error=str(e)))
+            continue
+        _progress(i, len(targets), name, _result_line(rows[-1]))
     print(_table(rows, args))
     failed = [r.name for r in rows if r.error is not None]
     if failed:
@@ -392,13 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main_module(made: factory.Made, args: argparse.Namespace) -> int:
-    print(f"[1/1] {args.name} ({made.target}) ...", file=sys.stderr, flush=True)
+    _progress(1, 1, args.name, f"exporting {made.target} ...")
     try:
         row, layers = _export_module(made, args.name, args)
     except Exception as e:  # the export's own message, on one line, as for zoo networks
         print(f"error: {args.name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         print(_table([_Row(args.name, error=str(e))], args))
         return 1
+    _progress(1, 1, args.name, _result_line(row))
     print(layers + "\n")
     print(_table([row], args))
     return 0

@@ -1,4 +1,10 @@
-"""Atomic save: a crash never leaves a partial ``model.onnx`` behind."""
+"""Atomic save: a crash never leaves a partial ``model.onnx`` behind.
+
+Modes: the temporary file is created 0600 (``mkstemp``), so before the rename it gets what
+``open()`` would give a new file, ``0666 & ~umask`` (0644 under umask 022, 0640 under 027):
+a Triton container running as another user must be able to read the repository.  Created
+folders get ``0777 & ~umask`` (``mkdir``'s own rule).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,26 @@ from pathlib import Path
 
 import onnx
 
-__all__ = ["atomic_write", "save"]
+__all__ = ["atomic_write", "file_mode", "save"]
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (no race)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file now: ``0o666 & ~umask``."""
+    return 0o666 & ~_umask()
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
@@ -20,7 +45,8 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
 def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     """Temporary file in the same folder, flush + fsync, rename over ``path``.
 
-    The folder is created if needed; on any failure the temporary file is removed and
+    The folder is created if needed; the file gets :func:`file_mode` (what a plain ``open``
+    would give it), not ``mkstemp``'s 0600.  On any failure the temporary file is removed and
     ``path`` keeps its previous content.
     """
     path = Path(path)
@@ -30,6 +56,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), file_mode())  # mkstemp's 0600 would hide it from others
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

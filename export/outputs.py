@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["output_names"]
+__all__ = ["named_leaves", "output_names"]
 
 
 def _part(key: Any) -> str:
@@ -53,3 +53,14 @@ def output_names(outputs: Any) -> list[str]:
     if isinstance(outputs, tuple | list) and all(n.isdigit() for n in names):
         return [f"output_{n}" for n in names]
     return names
+
+
+def named_leaves(outputs: Any) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` for every tensor leaf of ``outputs``, named as :func:`output_names`.
+
+    Raises:
+        TypeError: as :func:`output_names`.
+    """
+    names = output_names(outputs)
+    leaves = [outputs] if isinstance(outputs, torch.Tensor) else pytree.tree_leaves(outputs)
+    return dict(zip(names, leaves, strict=True))

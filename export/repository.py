@@ -5,7 +5,10 @@
 [{'name': 'image', 'data_type': 'TYPE_FP32', 'dims': [3, -1, -1], 'reshape': None}]
 
 With ``max_batch_size > 0`` (the default) axis 0 of every graph input and output must be one
-symbolic batch dimension; ``dims`` leave it out and a ``dynamic_batching`` block is written.
+symbolic batch dimension; ``dims`` leave it out and a ``dynamic_batching`` block is written,
+unless the caller says a sample's outputs depend on its batch-mates (``dynamic_batching=False``
+or the reason: then the reason goes into ``#`` comments and clients still send their own
+batches).
 ``max_batch_size=0`` (no batching: e.g. training graphs, whose batch statistics must not mix
 requests and whose running statistics have no batch axis) lists full shapes instead.  Symbolic
 dimensions are written as ``-1``; a tensor whose listed shape would be empty is written as
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -157,11 +161,18 @@ def build_config(
     max_batch_size: int = 64,
     preferred_batch_sizes: Sequence[int] | None = None,
     max_queue_delay_microseconds: int = 100,
+    dynamic_batching: bool | str = True,
 ) -> Config:
     """The config of ``model`` served as ``name``, as :func:`read_config` returns it.
 
     The graph's dim bounds (``normport.dim_bounds`` metadata) become ``parameters`` (see the
     module docstring).
+
+    ``dynamic_batching`` is the caller's decision (``python -m export`` measures it with
+    :func:`export.batch_mates.measure`): True writes a ``dynamic_batching`` block when
+    ``max_batch_size > 0``; False, or a reason (a string: why a sample's outputs depend on its
+    batch-mates), writes none, while ``max_batch_size`` still lets a client send its own batch.
+    :func:`write_model` writes the reason as ``#`` comments.
 
     Raises:
         ValueError: a bad name or batching option, a tensor without a Triton type or of unknown
@@ -179,6 +190,11 @@ def build_config(
             raise ValueError(f"{option} must be an int >= 0, got {n!r}")
     if max_batch_size == 0 and preferred_batch_sizes:
         raise ValueError("preferred_batch_sizes needs max_batch_size > 0")
+    if not isinstance(dynamic_batching, bool | str) or dynamic_batching == "":
+        raise ValueError(
+            f"dynamic_batching must be True, False or a non-empty reason, got {dynamic_batching!r}"
+        )
+    batching = dynamic_batching is True and max_batch_size > 0
     batch: list[str] | None = [] if max_batch_size > 0 else None
     graph = model.graph
     inputs = [_tensor(v, "input", batch) for v in graph.input]
@@ -193,7 +209,7 @@ def build_config(
         "inputs": inputs,
         "outputs": outputs,
         "dynamic_batching": None
-        if max_batch_size == 0
+        if not batching
         else {
             "preferred_batch_size": _preferred(max_batch_size, preferred_batch_sizes),
             "max_queue_delay_microseconds": max_queue_delay_microseconds,
@@ -237,10 +253,25 @@ def _ints(values: Sequence[int]) -> str:
     return "[ " + ", ".join(map(str, values)) + " ]" if values else "[ ]"
 
 
-def format_config(config: Config) -> str:
-    """``config`` (as :func:`build_config` returns it) in protobuf text format."""
+def _wrap(text: str, width: int = 96) -> list[str]:
+    """``text``'s lines, each wrapped at spaces to ``width`` (a long word stays whole)."""
+    return [
+        part
+        for line in text.splitlines()
+        for part in textwrap.wrap(line, width, break_long_words=False, break_on_hyphens=False)
+        or [""]
+    ]
+
+
+def format_config(config: Config, comment: str | None = None) -> str:
+    """``config`` (as :func:`build_config` returns it) in protobuf text format.
+
+    ``comment`` (any text) is written as ``#`` lines after the header comment; parsers (Triton's,
+    :func:`parse_config`) skip them.
+    """
     lines = [
         "# Triton Inference Server model configuration, written by normport export.repository.",
+        *(f"# {line}".rstrip() for line in _wrap(comment or "")),
         f"name: {quote(config['name'])}",
         f"platform: {quote(config['platform'])}",
         f"max_batch_size: {config['max_batch_size']}",
@@ -280,12 +311,16 @@ def write_model(
     max_batch_size: int = 64,
     preferred_batch_sizes: Sequence[int] | None = None,
     max_queue_delay_microseconds: int = 100,
+    dynamic_batching: bool | str = True,
 ) -> Path:
     """Write ``root/name/1/model.onnx`` and ``root/name/config.pbtxt`` (both atomically).
 
     ``preferred_batch_sizes=None`` uses those of :data:`DEFAULT_PREFERRED_BATCH_SIZES` that fit
-    (or ``[max_batch_size]``); ``()`` leaves the field out.  Nothing is written when the config
-    is invalid (see :func:`build_config` for the errors).  Returns ``root/name``.
+    (or ``[max_batch_size]``); ``()`` leaves the field out.  ``dynamic_batching``: see
+    :func:`build_config`; a reason is written into ``config.pbtxt`` as ``#`` comments.  Nothing
+    is written when the config is invalid (see :func:`build_config` for the errors).  Files get
+    the umask's mode (0644 under umask 022), created folders 0777 less the umask.  Returns
+    ``root/name``.
     """
     config = build_config(
         name,
@@ -293,10 +328,14 @@ def write_model(
         max_batch_size=max_batch_size,
         preferred_batch_sizes=preferred_batch_sizes,
         max_queue_delay_microseconds=max_queue_delay_microseconds,
+        dynamic_batching=dynamic_batching,
     )
+    comment = None
+    if isinstance(dynamic_batching, str) and max_batch_size > 0:
+        comment = f"No dynamic_batching: {dynamic_batching}"
     folder = Path(root) / name
     save(model, folder / VERSION / MODEL_NAME)  # the model first: a config never dangles
-    atomic_write(folder / CONFIG_NAME, format_config(config).encode("utf-8"))
+    atomic_write(folder / CONFIG_NAME, format_config(config, comment).encode("utf-8"))
     return folder
 
 

@@ -4,6 +4,9 @@ Each layer is a drop-in twin of its torch.nn counterpart (same constructor, para
 buffer names, state_dict keys, training and eval behaviour), written in torch primitives on
 one shared normalization primitive (:mod:`models._functional`) and one shared base for
 running statistics (:mod:`models._base`).
+
+>>> import models
+>>> net = models.zoo.get("cnn_bn").build(seed=0)  # the example networks, :mod:`models.zoo`
 """
 
 from models import table
@@ -19,6 +22,10 @@ from models.groupnorm import GroupNorm
 from models.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from models.layernorm import LayerNorm, RMSNorm
 from models.switchable import SwitchableNorm1d, SwitchableNorm2d
+
+# isort: split
+# Last: the zoo builds on the layers above (``models.zoo.sequence`` does ``import models``).
+from models import zoo
 
 __all__ = [
     "BatchNorm1d",
@@ -36,4 +43,5 @@ __all__ = [
     "TorchSequenceBatchNorm",
     "convert",
     "table",
+    "zoo",
 ]

@@ -85,11 +85,30 @@ def data_inputs(model: onnx.ModelProto) -> list[GraphInput]:
     return found
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"  # ml_dtypes' bfloat16
+
+
+def _first_bad(array: np.ndarray) -> str:
+    bad = ~np.isfinite(array.astype(np.float64))
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    more = int(bad.sum()) - 1
+    return f"{array[index]} at index {index}" + (f" (and {more} more)" if more else "")
+
+
 def _convert(value, spec: GraphInput, where: str) -> np.ndarray:
+    """Check one array against a graph input; cast floating data to the input's float type.
+
+    Any float type is accepted for a float input (float64 -> float32 rounds, float32 ->
+    float16 may overflow, which is refused); integers, booleans and the like are not.
+    """
     array = np.asarray(value)
-    floating = np.issubdtype(spec.dtype, np.floating)
-    if floating and not np.issubdtype(array.dtype, np.floating):
-        raise TypeError(f"{where}: input {spec.name!r} expects {spec.dtype}, got {array.dtype}")
+    floating = _is_float(spec.dtype)
+    if floating and not _is_float(array.dtype):
+        raise TypeError(
+            f"{where}: input {spec.name!r} expects {spec.dtype} (any float type is cast), "
+            f"got {array.dtype}"
+        )
     if not floating and not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"{where}: input {spec.name!r} expects {spec.dtype}, got {array.dtype}")
     if array.ndim != len(spec.shape):
@@ -103,7 +122,22 @@ def _convert(value, spec: GraphInput, where: str) -> np.ndarray:
                 f"{where}: input {spec.name!r} expects size {want} at axis {axis} "
                 f"{spec.describe()}, got shape {array.shape}"
             )
-    return np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+    if array.size == 0:
+        why = "batch size 0" if array.shape[0] == 0 else "a dimension of size 0"
+        raise ValueError(
+            f"{where}: input {spec.name!r} is empty, shape {array.shape} ({why}): every batch "
+            "needs at least one sample"
+        )
+    if floating and not np.all(np.isfinite(array.astype(np.float64, copy=False))):
+        raise ValueError(f"{where}: input {spec.name!r} holds non-finite data: {_first_bad(array)}")
+    with np.errstate(over="ignore"):  # an overflow is refused just below, naming the value
+        cast = np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+    if floating and not np.all(np.isfinite(cast.astype(np.float64, copy=False))):
+        raise ValueError(
+            f"{where}: input {spec.name!r} has values beyond {spec.dtype}'s range, which the "
+            f"cast to {spec.dtype} turns into {_first_bad(cast)}"
+        )
+    return cast
 
 
 def batch_feeds(batch, inputs: Sequence[GraphInput], where: str) -> dict[str, np.ndarray]:

@@ -162,7 +162,7 @@ def _used_functions(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> set[
     return used
 
 
-def _metadata(model: onnx.ModelProto, batches: int) -> dict[str, str]:
+def _metadata(model: onnx.ModelProto, batches: int, method: str | None) -> dict[str, str]:
     metadata = {p.key: p.value for p in model.metadata_props}
     missing = [k for k in _REQUIRED_METADATA if k not in metadata]
     if missing or metadata["mode"] != "train":
@@ -175,11 +175,17 @@ def _metadata(model: onnx.ModelProto, batches: int) -> dict[str, str]:
     if "weights_sha256" in metadata:
         metadata["recalibrated_from_weights_sha256"] = metadata.pop("weights_sha256")
     metadata["recalibration_batches"] = str(batches)
+    if method is not None:
+        metadata["recalibration_method"] = method
     return metadata
 
 
 def to_eval(
-    train_model: onnx.ModelProto, statistics: Mapping[str, np.ndarray], *, batches: int
+    train_model: onnx.ModelProto,
+    statistics: Mapping[str, np.ndarray],
+    *,
+    batches: int,
+    method: str | None = None,
 ) -> onnx.ModelProto:
     """The inference graph of ``train_model`` with ``statistics`` as its running statistics.
 
@@ -188,6 +194,7 @@ def to_eval(
             inlined: the rewrite finds the layers by their function calls).
         statistics: a value for every state input (``<path>.running_mean``, ...).
         batches: how many batches produced them (recorded in the metadata).
+        method: how they were estimated (``precise`` / ``ema``; recorded if given).
 
     Raises:
         ValueError: not a normport training graph, missing statistics, or a node with no
@@ -196,7 +203,7 @@ def to_eval(
     model = onnx.ModelProto()
     model.CopyFrom(train_model)
     graph = model.graph
-    metadata = _metadata(model, batches)
+    metadata = _metadata(model, batches, method)
     pairs = state_pairs(model)
     missing = [name for name, _ in pairs if name not in statistics]
     if missing:

@@ -1,254 +1,261 @@
 """Recalibrate running statistics on onnxruntime (AdaBN-style test-time adaptation).
 
-:func:`recalibrate` runs a normport *training* graph over unlabeled batches in onnxruntime,
-feeding each step's ``<path>.running_*.next`` outputs back as the next step's inputs, and
-returns the *inference* graph with the statistics it ended with: the same model that PyTorch
-would give by running the batches through ``model.train()`` under ``torch.no_grad()`` and then
-``export.to_onnx(model.eval(), ..., mode="eval")``.  No PyTorch module is involved: the
-inference graph is rewritten from the training graph (:mod:`runtime._recalibration_rewrite`).
+:func:`recalibrate` runs a normport *training* graph over unlabeled batches in onnxruntime
+and returns the *inference* graph with the re-estimated statistics.  No PyTorch module is
+involved: the inference graph is rewritten from the training graph
+(:mod:`runtime._recalibration_rewrite`).
 
 >>> eval_model = runtime.recalibrate("cnn_bn.train.onnx", [batch0, batch1, batch2])
 
-Each running statistic follows its layer's own rule, as in PyTorch: momentum ``m`` gives
-``(1 - m) * running + m * batch_stat``, ``momentum=None`` the cumulative average, and
-InstanceNorm with ``momentum=None`` keeps its statistics.  ``reset_stats=True`` starts from
-``running_mean = 0``, ``running_var = 1``, ``num_batches_tracked = 0`` (PyTorch's
-``reset_running_stats()``), which with the cumulative average gives the target data's plain
-average (AdaBN).  Train-mode ``Dropout`` stays active during the passes (as under
+Two methods (:mod:`runtime._recalibration_methods` has the formulas):
+
+- ``precise`` (default): every batch weighs the same, ``mean = (1/K) sum_k mean_k`` and
+  ``var = (1/K) sum_k var_k n_k / (n_k - 1)``, whatever momentum the layers exported with;
+  the exported statistics play no part.  This is ``torch.optim.swa_utils.update_bn`` (Wu &
+  Johnson 2021's population statistics), extended to tracked InstanceNorm and SwitchableNorm's
+  batch branch.  ``num_batches_tracked`` ends as update_bn leaves it: K (InstanceNorm: 0).
+- ``ema``: replays training's own update, ``r <- (1 - m) r + m s_k`` (or the cumulative
+  average for ``momentum=None``), from the exported statistics, or with ``reset_stats=True``
+  from mean 0 / variance 1 / count 0.  From reset values the data gets only
+  ``1 - (1 - m)^K`` of the weight: a :class:`RecalibrationWarning` says how much.
+
+Every batch is checked before anything runs (empty batches, non-finite data, wrong dtype,
+rank or size, naming the batch and input); nothing is returned, and the CLI writes nothing,
+when a batch is refused.  Train-mode ``Dropout`` stays active during the passes (as under
 ``model.train()``) and becomes the identity in the returned graph.
 
-Command line (``python -m runtime recalibrate``)::
-
-    --train-model PATH   a training export (export.to_onnx(..., mode="train"), not inlined)
-    --data FILE          .npy: one array, the batches stacked along a new leading axis
-                         (num_batches, N, ...), or with --batch-size one big batch (N, ...)
-                         split into batches of that size (the last one may be smaller);
-                         only for a graph with one data input.
-                         .npz: one array per graph input, named after it, each stacked or
-                         (with --batch-size) one big batch, all giving the same batch count.
-    --batch-size B       split one big batch instead of reading stacked batches
-    --reset-stats        start from mean 0 / variance 1 / count 0
-    --out PATH           where to write the inference model
+Command line: ``python -m runtime recalibrate --help`` (:mod:`runtime._recalibration_cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 
-from export import save
 from runtime._recalibration_feeds import (
-    GraphInput,
     batch_feeds,
     data_inputs,
     initial_state,
     session,
     state_pairs,
 )
+from runtime._recalibration_methods import (
+    METHODS,
+    StatefulLayer,
+    ema_reset_warning,
+    per_batch_form,
+    precise_statistics,
+    stateful_layers,
+)
 from runtime._recalibration_rewrite import to_eval
 
-__all__ = ["Batch", "load_batches", "main", "recalibrate"]
+__all__ = [
+    "METHODS",
+    "Batch",
+    "RecalibrationWarning",
+    "load_model",
+    "main",
+    "recalibrate",
+    "recalibrated_statistics",
+]
 
 Batch = np.ndarray | Sequence[np.ndarray] | Mapping[str, np.ndarray]
+Progress = Callable[[int, int, int], None]  # (batches done, batches in all, samples in it)
+
+_RESET = {"running_mean": 0, "running_var": 1, "num_batches_tracked": 0}
 
 
-def _load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+class RecalibrationWarning(UserWarning):
+    """The recalibrated statistics are not what the caller probably meant (ema from reset)."""
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """The model itself, or loaded from a file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not an ONNX model.
+    """
     if isinstance(source, onnx.ModelProto):
         return source
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"train model {str(path)!r} does not exist")
-    return onnx.load(path)
+    try:
+        model = onnx.load(path)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"train model {str(path)!r} is not an ONNX model: {err}") from None
+    if not model.graph.node:
+        raise ValueError(f"train model {str(path)!r} is not an ONNX model (no graph nodes)")
+    return model
 
 
-def _reset(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    values = {"running_mean": 0, "running_var": 1, "num_batches_tracked": 0}
-    reset = {}
-    for name, value in state.items():
-        stat = next(s for s in values if name == s or name.endswith("." + s))
-        reset[name] = np.full_like(value, values[stat])
-    return reset
+def _stateful(model: onnx.ModelProto, name: str) -> list[StatefulLayer]:
+    layers = stateful_layers(model)
+    if layers:
+        carried = {i for i, _ in state_pairs(model)}
+        for layer in layers:
+            missing = [s for s in layer.state if s not in carried]
+            if missing:
+                raise ValueError(
+                    f"{name}: layer {layer.path!r} ({layer.call}) reads {missing}, which are not "
+                    "state inputs with a '.next' output; is this a normport training export?"
+                )
+        return layers
+    if any(i.name.endswith("running_mean") for i in model.graph.input):
+        raise ValueError(
+            f"{name} has running statistics but no normport training calls (exported with "
+            "inline=True?); export it with inline=False to recalibrate"
+        )
+    raise ValueError(
+        f"{name} is an inference graph (no running statistics to update); pass a training "
+        "export (python -m export --mode train ...)"
+    )
+
+
+def _reset(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {
+        name: np.full_like(value, next(v for s, v in _RESET.items() if name.endswith(s)))
+        for name, value in state.items()
+    }
+
+
+def _check_finite(
+    layers: Sequence[StatefulLayer], out: Mapping[str, np.ndarray], feeds: Mapping, index: int
+) -> None:
+    """Finite data gave a non-finite statistic: one value per channel, or an overflow."""
+    for layer in layers:
+        mean, var, _ = layer.state
+        if np.all(np.isfinite(out[mean])) and np.all(np.isfinite(out[var])):
+            continue
+        shapes = ", ".join(f"{k!r} {v.shape}" for k, v in feeds.items())
+        who = f"layer {layer.path!r}" if layer.path else "the top-level layer"
+        if np.all(np.isfinite(out[mean])):  # var * n / (n - 1) with var = 0, n = 1: 0 * inf
+            size = next(iter(feeds.values())).shape[0]
+            hint = (
+                "batch size 1: use batches of at least 2 samples"
+                if size == 1
+                else "its input has a single value per channel"
+            )
+            raise ValueError(
+                f"batch {index} ({shapes}): {who} sees one value per channel, "
+                f"so its unbiased variance var * n / (n - 1) is undefined ({hint})"
+            )
+        raise ValueError(
+            f"batch {index} ({shapes}): {who}'s running mean became non-finite "
+            "from finite data (overflow in the graph's float type?)"
+        )
+
+
+def recalibrated_statistics(
+    train_model: onnx.ModelProto,
+    batches: Iterable[Batch],
+    *,
+    method: str = "precise",
+    reset_stats: bool = False,
+    threads: int = 1,
+    progress: Progress | None = None,
+    name: str = "the model",
+) -> tuple[dict[str, np.ndarray], int]:
+    """The running statistics :func:`recalibrate` puts into the eval graph, and the batch count.
+
+    Keyed by the training graph's state inputs (``<path>.running_mean``, ``.running_var``,
+    ``.num_batches_tracked``); arguments and errors as :func:`recalibrate`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    layers = _stateful(train_model, name)
+    inputs = data_inputs(train_model)
+    feeds = [batch_feeds(b, inputs, f"batch {i}") for i, b in enumerate(batches)]
+    if not feeds:
+        raise ValueError("no batches: recalibration needs at least one batch")
+    precise = method == "precise"
+    if not precise and reset_stats:
+        message = ema_reset_warning(layers, len(feeds))
+        if message:
+            warnings.warn(message, RecalibrationWarning, stacklevel=3)
+    state = initial_state(train_model)
+    if precise or reset_stats:
+        state = _reset(state)
+    sess = session(per_batch_form(train_model) if precise else train_model, threads=threads)
+    names = list(state)
+    sums = {n: np.zeros(v.shape, np.float64) for n, v in state.items()}
+    for i, batch in enumerate(feeds):
+        values = sess.run([n + ".next" for n in names], {**batch, **state})
+        state = dict(zip(names, values, strict=True))
+        _check_finite(layers, state, batch, i)
+        for n in names:
+            sums[n] += state[n]
+        if progress is not None:
+            progress(i + 1, len(feeds), next(iter(batch.values())).shape[0])
+    if precise:
+        state = precise_statistics(layers, sums, state, len(feeds))
+    return state, len(feeds)
 
 
 def recalibrate(
     train_model_path: str | os.PathLike | onnx.ModelProto,
     batches: Iterable[Batch],
     *,
+    method: str = "precise",
     reset_stats: bool = False,
     threads: int = 1,
+    progress: Progress | None = None,
 ) -> onnx.ModelProto:
-    """Run the training graph over ``batches`` in onnxruntime; the eval model it ends with.
+    """Re-estimate the running statistics over ``batches`` in onnxruntime; the eval model.
 
     Args:
         train_model_path: a normport training export (path, or the ModelProto itself).
         batches: unlabeled batches, each an array (one-input graphs), a tuple of arrays in
-            graph-input order, or a mapping from graph-input name to array.  Floating arrays
-            are cast to the graph's float type (float16 graphs take float32 data).
-        reset_stats: start from reset statistics instead of the exported ones.
+            graph-input order, or a mapping from graph-input name to array.  Any float data
+            is cast to the graph input's float type (float64 -> float32 rounds; values
+            beyond float16's range are refused); non-float data for a float input is refused.
+        method: ``"precise"`` (equal weight per batch, from reset statistics) or ``"ema"``
+            (training's own momentum, from the exported or reset statistics).
+        reset_stats: ``ema`` only (``precise`` always starts from reset): start from mean 0,
+            variance 1, count 0 instead of the exported statistics.
         threads: onnxruntime intra-op threads.
+        progress: called after each batch with (batches done, batches in all, its samples).
 
     Returns:
-        The inference ``ModelProto`` (checked with onnx's full checker), metadata ``mode=eval``
-        and ``recalibration_batches``.
+        The inference ``ModelProto`` (checked with onnx's full checker), metadata ``mode=eval``,
+        ``recalibration_method`` and ``recalibration_batches``.
 
     Raises:
         FileNotFoundError: no such model file.
-        ValueError: not a training graph with running statistics, no batches, a batch that
-            does not fit the graph (naming the batch and input), or statistics that became
-            NaN (e.g. a batch with one value per channel).
+        ValueError: not an ONNX model, an inference graph, an unknown method, no batches, a
+            batch that does not fit the graph or holds non-finite or no data (naming the batch
+            and input), or a layer that sees one value per channel (naming it).
+        TypeError: data of the wrong kind for an input (naming the batch and input).
+
+    Warns:
+        RecalibrationWarning: ``ema`` from reset statistics with a momentum that leaves the
+            reset values a visible share of the weight.
     """
-    model = _load_model(train_model_path)
-    pairs = state_pairs(model)
-    if not pairs:
-        raise ValueError(
-            "the model carries no running statistics (no '<path>.running_mean' input with a "
-            "'.next' output): pass a training export of a model with BatchNorm, tracked "
-            "InstanceNorm or SwitchableNorm layers"
-        )
-    inputs = data_inputs(model)
-    state = initial_state(model)
-    if reset_stats:
-        state = _reset(state)
-    sess = session(model, threads=threads)
-    fetch = [out for _, out in pairs]
-    count = 0
-    for i, batch in enumerate(batches):
-        feeds = batch_feeds(batch, inputs, f"batch {i}")
-        values = sess.run(fetch, {**feeds, **state})
-        bad = [out for out, v in zip(fetch, values, strict=True) if not np.all(np.isfinite(v))]
-        if bad:
-            shapes = {k: v.shape for k, v in feeds.items()}
-            raise ValueError(
-                f"batch {i} {shapes}: {bad[0]} became non-finite (a batch with one value per "
-                "channel has no unbiased variance; use batches of at least 2 samples)"
-            )
-        state = {name: v for (name, _), v in zip(pairs, values, strict=True)}
-        count += 1
-    if count == 0:
-        raise ValueError("no batches: recalibration needs at least one batch")
-    return to_eval(model, state, batches=count)
-
-
-# -- data files --------------------------------------------------------------------------------
-
-
-def _split(array: np.ndarray, batch_size: int | None, spec: GraphInput, where: str) -> list:
-    rank = len(spec.shape)
-    if batch_size is None:
-        if array.ndim != rank + 1:
-            hint = " (one batch? pass --batch-size to split it)" if array.ndim == rank else ""
-            raise ValueError(
-                f"{where}: expected batches stacked along a leading axis, rank {rank + 1} "
-                f"(num_batches, {', '.join(map(str, spec.shape))}), got shape {array.shape}" + hint
-            )
-        return list(array)
-    if array.ndim != rank:
-        raise ValueError(
-            f"{where}: with --batch-size expected one batch of rank {rank} "
-            f"({', '.join(map(str, spec.shape))}), got shape {array.shape}"
-        )
-    return [array[i : i + batch_size] for i in range(0, array.shape[0], batch_size)]
-
-
-def load_batches(
-    path: str | os.PathLike, inputs: Sequence[GraphInput], batch_size: int | None = None
-) -> list[dict[str, np.ndarray]]:
-    """Batches from a ``.npy`` or ``.npz`` file (layout in this module's docstring).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: unknown extension, array names that are not the graph inputs, ranks that
-            fit neither layout, or arrays that give different batch counts.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    names = [spec.name for spec in inputs]
-    if path.suffix == ".npy":
-        if len(inputs) != 1:
-            raise ValueError(
-                f"{path.name}: the graph has {len(inputs)} inputs {names}; a .npy holds one "
-                "array: use a .npz with one array per input"
-            )
-        arrays = {names[0]: np.load(path, allow_pickle=False)}
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-        unknown = sorted(set(arrays) - set(names))
-        missing = [n for n in names if n not in arrays]
-        if unknown or missing:
-            raise ValueError(
-                f"{path.name}: arrays must be named after the graph inputs {names}; "
-                f"unknown {unknown}, missing {missing}"
-            )
-    else:
-        raise ValueError(f"data file {path.name!r}: expected a .npy or .npz file")
-    split = {
-        spec.name: _split(arrays[spec.name], batch_size, spec, f"{path.name}[{spec.name!r}]")
-        for spec in inputs
-    }
-    counts = {name: len(parts) for name, parts in split.items()}
-    if len(set(counts.values())) > 1:
-        raise ValueError(f"{path.name}: arrays give different batch counts {counts}")
-    return [{name: split[name][i] for name in names} for i in range(counts[names[0]])]
-
-
-# -- command line ------------------------------------------------------------------------------
-
-
-_DATA_HELP = """data files:
-  .npy  one array: batches stacked along a new leading axis (num_batches, N, ...), or with
-        --batch-size one big batch (N, ...) split into batches of that size (the last may be
-        smaller); only for a graph with one data input.
-  .npz  one array per graph input, named after it; each stacked, or (with --batch-size) one
-        big batch; all must give the same number of batches.
-"""
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m runtime recalibrate",
-        description="Recalibrate running statistics on onnxruntime; writes an eval model.",
-        epilog=_DATA_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    model = load_model(train_model_path)
+    name = "the model"
+    if not isinstance(train_model_path, onnx.ModelProto):
+        name = repr(str(train_model_path))
+    state, count = recalibrated_statistics(
+        model,
+        batches,
+        method=method,
+        reset_stats=reset_stats,
+        threads=threads,
+        progress=progress,
+        name=name,
     )
-    parser.add_argument("--train-model", required=True, help="training export (.onnx)")
-    parser.add_argument("--data", required=True, help=".npy or .npz batches (below)")
-    parser.add_argument("--batch-size", type=int, default=None, help="split one big batch")
-    parser.add_argument("--reset-stats", action="store_true", help="start from mean 0, var 1")
-    parser.add_argument("--out", required=True, help="where to write the eval model")
-    return parser
+    return to_eval(model, state, batches=count, method=method)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exit_:  # -h, or a usage error argparse already printed
-        return int(exit_.code or 0)
-    try:
-        model = _load_model(args.train_model)
-        batches = load_batches(args.data, data_inputs(model), args.batch_size)
-        result = recalibrate(model, batches, reset_stats=args.reset_stats)
-    except (OSError, ValueError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = save(result, args.out)
-    layers = len(state_pairs(model)) // 3
-    samples = sum(next(iter(b.values())).shape[0] for b in batches)
-    print(
-        f"recalibrated {layers} layer(s) over {len(batches)} batch(es), {samples} samples; "
-        f"wrote {out}"
-    )
-    return 0
+    """``python -m runtime recalibrate``: see :mod:`runtime._recalibration_cli`."""
+    from runtime._recalibration_cli import main as cli_main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return cli_main(argv)

@@ -218,7 +218,7 @@ def exported(nets_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 def test_custom_model_writes_a_triton_model(exported) -> None:
     result, out = exported
     assert result.returncode == 0, result.stderr
-    assert "[1/1] user_net (usernets:make) ..." in result.stderr
+    assert "[1/1] user_net: exporting usernets:make ..." in result.stderr
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         "user_net/1/model.onnx",
         "user_net/config.pbtxt",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,7 +338,11 @@ def test_read_config_needs_name_and_tensors() -> None:
 def test_cli_exports_one_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--model", "seq_bn", "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
-    assert "[1/1] seq_bn ..." in captured.err
+    progress = captured.err.splitlines()
+    assert progress[0] == "[1/1] seq_bn: exporting ..."
+    assert re.fullmatch(
+        r"\[1/1\] seq_bn: ok \(\d+ nodes, [\d.]+ KB, [\d.]+ s\); dynamic batching", progress[1]
+    )
     header, rule, row = captured.out.strip().splitlines()
     assert set(rule.replace(" ", "")) == {"-"}
     assert header.split() == [
@@ -351,6 +356,7 @@ def test_cli_exports_one_model(tmp_path: Path, capsys: pytest.CaptureFixture[str
         "size",
         "KB",
         "seconds",
+        "batching",
         "status",
     ]
     assert row.split()[:4] == ["seq_bn", "eval", "23", "float32"]

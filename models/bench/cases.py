@@ -136,7 +136,7 @@ def build_cases() -> list[Case]:
             tokens,
             lambda: models.SequenceBatchNorm(768),
             lambda: TorchSequenceBatchNorm(768),
-            "torch.nn.BatchNorm1d on x.transpose(1, 2) (models.convert.TorchSequenceBatchNorm)",
+            "torch.nn.BatchNorm1d on x.transpose(1, 2) (models.TorchSequenceBatchNorm)",
         ),
         Case(
             "BatchNorm2d",

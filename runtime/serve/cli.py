@@ -1,11 +1,7 @@
 """``python -m runtime serve``: serve a model repository over the Open Inference Protocol.
 
     python -m runtime serve [--repository model_repository] [--host 127.0.0.1] [--port 8000]
-                            [--port-file PATH] [--threads N] [--max-body-bytes N]
-                            [--no-batching] [--strict-readiness] [--log-level info]
-                            [--header-timeout S] [--body-timeout S] [--body-deadline S]
-                            [--keep-alive-timeout S] [--max-header-bytes N]
-                            [--max-connections N] [--exit-timeout S]
+                            [options]   (``--help`` lists every flag with its default)
 
 Binds 127.0.0.1 unless told otherwise; ``--port 0`` takes a free port, which the log line
 ``serving on http://HOST:PORT`` and ``--port-file`` report.  The time and connection bounds
@@ -15,18 +11,18 @@ SIGINT/SIGTERM stop accepting connections, answer 503 to requests still being re
 requests in flight finish (at most ``--exit-timeout`` seconds: then uvicorn cancels them), stop
 the onnxruntime workers and exit with status 0, at the latest 2 s after the exit timeout even
 if an onnxruntime run is still going (:class:`runtime.serve.server.Server`).  Exit status 2
-for bad arguments (including a repository folder that does not exist), 3 when the address
-cannot be bound.
+for bad arguments (a repository that is not a folder, a port outside 0-65535: one line
+``error: ...`` before any work), 3 when the address cannot be bound.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 from collections.abc import Sequence
 
-from runtime.serve.admission import format_bytes, parse_bytes
+from runtime.serve import argtypes
+from runtime.serve.admission import format_bytes
 from runtime.serve.app import create_app
 from runtime.serve.body import DEFAULT_MAX_BODY_BYTES
 from runtime.serve.limits import FD_RESERVE, HttpLimits, connection_cap, raise_fd_limit
@@ -41,119 +37,119 @@ log = logging.getLogger(__name__)
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _DEFAULTS = HttpLimits()
 
+EPILOG = """\
+examples:
+  python -m export --all --out model_repository    # a repository of every zoo network
+  python -m runtime serve                          # serves it on 127.0.0.1:8000
+  python -m runtime serve --repository repo --port 0 --port-file repo.port
+  python -m runtime serve --memory-budget 8GiB --model-memory-budget 2GiB --threads 2
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
-    return value
+exit status: 0 after SIGINT/SIGTERM (in-flight requests finished), 2 bad arguments,
+3 the address cannot be bound.
+"""
 
 
 def _add_limits(p: argparse.ArgumentParser) -> None:
     d = _DEFAULTS
     g = p.add_argument_group("connection limits (see runtime/serve/limits.py)")
     g.add_argument(
-        "--header-timeout", type=_seconds, default=d.header_timeout, metavar="S",
+        "--header-timeout", type=argtypes.seconds, default=d.header_timeout, metavar="S",
         help="from connection open (or a later request's first byte) to the end of its headers, "
-        f"else 408 (default {d.header_timeout:g})",
+        "else 408 (default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
-        "--body-timeout", type=_seconds, default=d.body_timeout, metavar="S",
-        help=f"longest wait for more body bytes, else 408 (default {d.body_timeout:g})",
+        "--body-timeout", type=argtypes.seconds, default=d.body_timeout, metavar="S",
+        help="longest wait for more body bytes, else 408 (default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
-        "--body-deadline", type=_seconds, default=d.body_deadline, metavar="S",
-        help=f"from the end of the headers to the end of the body, else 408 "
-        f"(default {d.body_deadline:g})",
+        "--body-deadline", type=argtypes.seconds, default=d.body_deadline, metavar="S",
+        help="from the end of the headers to the end of the body, else 408 "
+        "(default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
-        "--keep-alive-timeout", type=_seconds, default=d.keep_alive_timeout, metavar="S",
-        help=f"idle time after a response before the connection closes "
-        f"(default {d.keep_alive_timeout:g})",
+        "--keep-alive-timeout", type=argtypes.seconds, default=d.keep_alive_timeout,
+        metavar="S",
+        help="idle time after a response before the connection closes (default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
-        "--max-header-bytes", type=_positive, default=d.max_header_bytes, metavar="N",
-        help=f"request line and headers limit, else 431 (default {d.max_header_bytes})",
+        "--max-header-bytes", type=argtypes.positive, default=d.max_header_bytes, metavar="N",
+        help="request line and headers limit, else 431 (default: %(default)s)",
     )  # fmt: skip
     g.add_argument(
-        "--max-connections", type=_non_negative, default=d.max_connections, metavar="N",
-        help="open connections limit, else 503 (default 0: the file-descriptor limit, "
-        "raised to its hard value, less 64)",
+        "--max-connections", type=argtypes.non_negative, default=d.max_connections,
+        metavar="N",
+        help="open connections limit, else 503 (default: %(default)s: the file-descriptor "
+        f"limit, raised to its hard value, less {FD_RESERVE})",
     )  # fmt: skip
     g.add_argument(
-        "--exit-timeout", type=_seconds, default=d.exit_timeout, metavar="S",
+        "--exit-timeout", type=argtypes.seconds, default=d.exit_timeout, metavar="S",
         help="on SIGTERM/SIGINT, how long requests in flight may take to finish "
-        f"(default {d.exit_timeout:g})",
+        "(default: %(default)s)",
     )  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m runtime serve",
-        description="Serve a Triton-layout model repository with onnxruntime over the Open "
+        usage="%(prog)s [--repository DIR] [--host HOST] [--port PORT] [options]",
+        description="Serve a Triton-layout model repository with onnxruntime over the Open\n"
         "Inference Protocol (KServe v2 / Triton HTTP).",
-    )
-    p.add_argument("--repository", default="model_repository", help="model repository folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
-    p.add_argument("--port-file", help="write the bound port here once serving (for --port 0)")
-    p.add_argument(
-        "--threads", type=int, default=0, help="onnxruntime intra-op threads per model (0: auto)"
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--max-body-bytes",
-        type=_positive,
-        default=DEFAULT_MAX_BODY_BYTES,
-        help=f"request body limit, compressed and decompressed (default {DEFAULT_MAX_BODY_BYTES})",
-    )
-    p.add_argument("--no-batching", action="store_true", help="turn dynamic batching off")
+        "--repository", type=argtypes.folder, default="model_repository", metavar="DIR",
+        help="model repository folder, Triton layout (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument(
-        "--strict-readiness", action="store_true", help="ready only when every model loaded"
-    )
-    p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+        "--port", type=argtypes.port, default=8000,
+        help="port to bind, 0 for any free one (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--port-file", type=argtypes.writable_file, metavar="PATH",
+        help="write the bound port here once serving (for --port 0; default: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--threads", type=argtypes.non_negative, default=0, metavar="N",
+        help="onnxruntime intra-op threads per model, 0 for onnxruntime's choice "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-body-bytes", type=argtypes.positive, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+        help="request body limit, compressed and decompressed, else 413 (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-batching", action="store_true",
+        help="turn dynamic batching off (default: on where config.pbtxt asks for it)",
+    )  # fmt: skip
+    p.add_argument(
+        "--strict-readiness", action="store_true",
+        help="ready only when every model loaded (default: ready when the server is up)",
+    )  # fmt: skip
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)")
     _add_limits(p)
     _add_memory(p)
     return p
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_bytes(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _add_memory(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("memory and loading (see runtime/serve/admission.py)")
     g.add_argument(
-        "--memory-budget", type=_size, default=None, metavar="SIZE",
+        "--memory-budget", type=argtypes.size, default=None, metavar="SIZE",
         help="estimated bytes all requests in flight may hold together, e.g. 8GiB; over it "
         "503, or 413 when one request alone is over (default: half the machine's memory, "
         f"here {format_bytes(default_memory_budget())})",
     )  # fmt: skip
     g.add_argument(
-        "--model-memory-budget", type=_size, default=None, metavar="SIZE",
+        "--model-memory-budget", type=argtypes.size, default=None, metavar="SIZE",
         help="the same for each model's requests and batches, unless its config.pbtxt sets "
         "parameter normport.memory_budget (default: --memory-budget)",
     )  # fmt: skip
     g.add_argument(
-        "--load-timeout", type=_seconds, default=DEFAULT_LOAD_TIMEOUT_S, metavar="S",
+        "--load-timeout", type=argtypes.seconds, default=DEFAULT_LOAD_TIMEOUT_S, metavar="S",
         help="seconds each model may take to load and calibrate in its probe process, else "
-        f"it is UNAVAILABLE (default {DEFAULT_LOAD_TIMEOUT_S:g})",
+        "it is UNAVAILABLE (default: %(default)s)",
     )  # fmt: skip
 
 
@@ -174,8 +170,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the server until SIGINT/SIGTERM; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.threads < 0:
-        parser.error(f"--threads must be >= 0, got {args.threads}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     limits = limits_from_args(args)
     soft, hard = raise_fd_limit()

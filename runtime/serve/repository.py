@@ -15,7 +15,8 @@ Version folders are named as Triton names them, a positive integer without a lea
 shows in :meth:`Repository.index` as UNAVAILABLE with the reason :data:`IGNORED` but is no
 version: requesting it is a 404, like any version that does not exist.
 
-A model file is refused when it does not parse, or does not load in onnxruntime / agree with its
+A model file is refused when it does not parse, is a training graph (the whole reason, never
+cut: :mod:`runtime.serve.train_graph`), or does not load in onnxruntime / agree with its
 config.  A model that fails does not stop the others.  Every version is first loaded and run in
 a child process (:mod:`runtime.serve.probe`, all of them in one pass before any is loaded
 here): one that crashes or hangs onnxruntime there is UNAVAILABLE with the signal or the time,
@@ -50,6 +51,7 @@ from runtime.serve.probe import DEFAULT_TIMEOUT_S, Job, Probed, ProbeFailed, pro
 from runtime.serve.session import Session
 from runtime.serve.spec import ModelSpec
 from runtime.serve.stats import ModelStats
+from runtime.serve.train_graph import TrainGraphError, check_not_train
 
 __all__ = [
     "IGNORED",
@@ -237,7 +239,9 @@ class Repository:
         """One line, without the server's absolute paths; ``typed``: prefixed with the type."""
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
         text = text.replace(f"{self.root}{os.sep}", "").replace(str(self.root), ".")
-        return (f"{type(error).__name__}: {text}" if typed else text)[:_MAX_REASON]
+        text = f"{type(error).__name__}: {text}" if typed else text
+        # a train graph's reason is bounded by construction and useless cut short
+        return text if isinstance(error, TrainGraphError) else text[:_MAX_REASON]
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -411,6 +415,7 @@ def _check_external_data(path: Path, model_folder: Path) -> None:
     Raises:
         ValueError: the file does not parse (corrupt, truncated), or an external data location
             resolves outside ``model_folder``.
+        TrainGraphError: a training graph (:mod:`runtime.serve.train_graph`).
     """
     try:
         model = onnx.load(os.fspath(path), load_external_data=False)
@@ -418,6 +423,7 @@ def _check_external_data(path: Path, model_folder: Path) -> None:
         raise ValueError(f"corrupt or truncated model file: {e}") from None
     if not model.graph.node and not model.graph.output:
         raise ValueError("corrupt or truncated model file: no graph")
+    check_not_train(model)
     tensors = [*_tensors(model.graph)]
     for function in model.functions:
         for node in function.node:

@@ -3,21 +3,25 @@
 ::
 
     python -m runtime verify --all --out reports/verify          # what `make verify` runs
-    python -m runtime verify --model BatchNorm2d-momentum --model cnn_bn --opset 23
+    python -m runtime verify --model BatchNorm2d-momentum cnn_bn --opset 23
     python -m runtime verify --module mypkg.nets:make_model --dtype float32
     python -m runtime verify --list                              # the built-in subjects
 
 Default opsets: 13 (the minimum: every layer a function, reductions with ``axes`` attributes,
 the reference evaluator's BatchNormalization-9 workaround), 17 (LayerNormalization), 21
 (GroupNormalization-21) and 23 (RMSNormalization, the export default): every point at which
-a lowering changes form.  Exit status: 0 when every parity cell passes or is skipped, 1 when
-any fails (the failing cells are printed and listed in ``results.json`` / ``report.md``), 2
-for usage errors.
+a lowering changes form.
+
+Exit status: 0 when every parity cell passes or is skipped (a WARN verdict included); 1 when
+any cell fails (the export computes something else; the failing cells are printed and listed
+in ``results.json`` / ``report.md``); 2 when no cell fails but one could not run (``error``:
+cannot export, no session; ``crash``: onnxruntime died), and for usage errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -31,12 +35,32 @@ import torch
 import export
 from runtime.verify import divergence, parity, report, subjects
 from runtime.verify.divergence import Divergence
+from runtime.verify.facts import STATUSES, SubjectFacts
+from runtime.verify.matrix import verify_subject
 from runtime.verify.parity import Cell
 from runtime.verify.subjects import Subject
+from runtime.verify.verdict import verdict
 
 __all__ = ["DEFAULT_OPSETS", "main", "run"]
 
 DEFAULT_OPSETS = (13, 17, 21, 23)
+
+
+_EPILOG = """\
+examples:
+  python -m runtime verify --all                              # what `make verify` runs
+  python -m runtime verify --model BatchNorm2d-momentum cnn_bn --opset 23
+  python -m runtime verify --module mypkg.nets:make_model --dtype float32 --no-divergence
+  python -m runtime verify --list
+
+exit status: 0 every cell passes or is skipped; 1 a cell fails (the export computes something
+else); 2 no cell fails but one could not run (error: cannot export / no session; crash:
+onnxruntime died), or a usage error
+"""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the epilog's examples kept as written."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,20 +68,29 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m runtime verify",
         description="Parity matrix (PyTorch vs onnxruntime vs the ONNX reference evaluator), "
         "train-vs-eval divergence study, report.md / results.json / plots.",
+        epilog=_EPILOG,
+        formatter_class=_Formatter,
     )
     parser.add_argument("--all", action="store_true", help="every layer and zoo network")
     parser.add_argument(
-        "--model", action="append", default=[], metavar="NAME", help="a layer or zoo network"
-    )
-    parser.add_argument(
-        "--module", action="append", default=[], metavar="PKG.MOD:FACTORY",
-        help="a module from a factory (contract: runtime.verify.subjects)",
+        "--model", action="extend", nargs="+", default=[], metavar="NAME",
+        help="layers or zoo networks (see --list); repeatable",
     )  # fmt: skip
-    parser.add_argument("--opset", type=int, nargs="+", default=list(DEFAULT_OPSETS))
     parser.add_argument(
-        "--dtype", nargs="+", choices=list(parity.DTYPES), default=list(parity.DTYPES)
+        "--module", action="extend", nargs="+", default=[], metavar="PKG.MOD:FACTORY",
+        help="modules from factories (contract: runtime.verify.subjects); repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--opset", type=int, nargs="+", default=list(DEFAULT_OPSETS), help="ONNX opsets"
     )
-    parser.add_argument("--mode", nargs="+", choices=list(parity.MODES), default=list(parity.MODES))
+    parser.add_argument(
+        "--dtype", nargs="+", choices=list(parity.DTYPES), default=list(parity.DTYPES),
+        help="exported float types",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mode", nargs="+", choices=list(parity.MODES), default=list(parity.MODES),
+        help="parity modes (train and recalibrate need running statistics)",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=3, help="fed-back training steps (K)")
     parser.add_argument("--no-divergence", action="store_true", help="parity matrix only")
     parser.add_argument("--out", default="reports/verify", help="output folder")
@@ -88,6 +121,18 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--opset {bad}: normport exports {export.MIN_OPSET}-{export.MAX_OPSET}")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    _check_out(Path(args.out))
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder verify can create or write into, checked before any work."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
 
 
 def run(
@@ -102,21 +147,26 @@ def run(
     command: str = "python -m runtime verify",
     log=print,
 ) -> dict:
-    """Verify ``chosen`` and write the report under ``out``; returns the results.json data."""
+    """Verify ``chosen`` and write the report under ``out``; returns the results.json data
+    (its ``subjects`` hold each subject's :class:`SubjectFacts` and verdict).  ``log`` gets the
+    progress: ``[i/N] subject: <stage>`` lines, then each subject's verdict line."""
     from runtime.verify import plots  # matplotlib only when drawing
 
     started = time.perf_counter()
     cells: list[Cell] = []
-    for subject in chosen:
+    facts: list[SubjectFacts] = []
+    for i, subject in enumerate(chosen, 1):
         t0 = time.perf_counter()
-        found = parity.run_subject(subject, opsets, dtypes, modes, steps)
-        cells += found
-        bad = sum(c.status == "fail" for c in found)
-        skipped = sum(c.status == "skipped" for c in found)
-        log(
-            f"{subject.name:<28} {len(found):>3} cells  {bad} failed  {skipped} skipped  "
-            f"({time.perf_counter() - t0:.1f} s)"
-        )
+        prefix = f"[{i}/{len(chosen)}] {subject.name}"
+
+        def progress(line: str, prefix: str = prefix) -> None:
+            log(f"{prefix}: {line}")
+
+        result = verify_subject(subject, opsets, dtypes, modes, steps, progress=progress)
+        cells += result.cells
+        facts.append(result.facts)
+        line = verdict(result.facts, result.cells)  # "<subject>: PASS: ..."
+        log(f"[{i}/{len(chosen)}] {line} ({time.perf_counter() - t0:.1f} s)")
     divs: list[Divergence] = []
     if with_divergence:
         seen: set[str] = set()
@@ -124,7 +174,7 @@ def run(
             divs.append(divergence.study(subject, with_steps=subject.family not in seen))
             seen.add(subject.family)
     out = Path(out)
-    drawn = plots.draw(out, cells, divs)
+    drawn = plots.draw(out, cells, divs, facts)
     meta = {
         "command": command,
         "normport_version": _version(),
@@ -141,7 +191,7 @@ def run(
         ],
         "duration_s": time.perf_counter() - started,
     }
-    return report.write(out, cells, divs, meta, drawn)
+    return report.write(out, cells, divs, meta, drawn, facts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,12 +220,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=Path(args.out),
         command=" ".join(["python -m runtime verify", *argv]),
     )
-    total = data["summary"]
+    by = {status: 0 for status in STATUSES}
+    for cell in data["parity"]:
+        by[cell["status"]] += 1
     print(
-        f"parity: {total['cells']} cells, {total['passed']} passed, {total['failed']} failed, "
-        f"{total['skipped']} skipped; report: {Path(args.out) / 'report.md'}"
+        f"parity: {len(data['parity'])} cells, {by['pass']} passed, {by['fail']} failed, "
+        f"{by['skipped']} skipped, {by['error']} errors, {by['crash']} crashes; "
+        f"report: {Path(args.out) / 'report.md'}"
     )
     for cell in data["parity"]:
-        if cell["status"] == "fail":
-            print(f"FAIL {cell['id']}: {cell['reason']}", file=sys.stderr)
-    return 1 if total["failed"] else 0
+        if cell["status"] in ("fail", "error", "crash"):
+            print(f"{cell['status'].upper()} {cell['id']}: {cell['reason']}", file=sys.stderr)
+    if by["fail"]:
+        return 1
+    return 2 if by["error"] or by["crash"] else 0

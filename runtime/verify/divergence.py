@@ -22,6 +22,7 @@ estimated first by a cumulative average over 16 train-mode batches of 32.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -36,8 +37,10 @@ __all__ = [
     "BatchPoint",
     "Divergence",
     "StepsCurve",
+    "agreeing_batch",
     "batch_curve",
     "batch_mates",
+    "extrapolated_batch",
     "steps_curve",
     "study",
 ]
@@ -89,6 +92,39 @@ class Divergence:
 
     def to_json(self) -> dict:
         return {**asdict(self), "depends_on_batch": self.depends_on_batch}
+
+
+def agreeing_batch(d: Divergence, atol: float, rtol: float) -> int | None:
+    """The smallest measured batch size from which train and eval agree within a tolerance.
+
+    Agreement at a size: ``mean |train - eval| <= atol + rtol * output_scale`` there and at
+    every larger measured size (the mean, as the batch-size curve plots it; the output scale
+    stands in for ``|expected|``).  None when the largest measured size still disagrees or
+    training rejects it.
+    """
+    found = None
+    for point in reversed(d.batch_curve):
+        if point.mean_abs is None or point.mean_abs > atol + rtol * d.output_scale:
+            break
+        found = point.batch_size
+    return found
+
+
+def extrapolated_batch(d: Divergence, atol: float, rtol: float) -> int | None:
+    """Where the curve would reach the tolerance, extending its last measured log-log slope.
+
+    An estimate for a curve still above the tolerance at its largest size (batch statistics
+    usually fall as ``1 / sqrt(B)``); None when the curve does not fall there.
+    """
+    points = [p for p in d.batch_curve if p.mean_abs]
+    if len(points) < 2:
+        return None
+    (b1, m1), (b2, m2) = [(p.batch_size, p.mean_abs) for p in points[-2:]]
+    slope = math.log(m2 / m1) / math.log(b2 / b1)
+    bound = atol + rtol * d.output_scale
+    if slope > -0.1 or m2 <= bound:
+        return None
+    return math.ceil(b2 * (bound / m2) ** (1 / slope))
 
 
 def _double(inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:

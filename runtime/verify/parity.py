@@ -15,10 +15,19 @@ mode            runtime          compared with PyTorch
                                  batch, vs PyTorch's train-mode passes then eval
 ==============  ===============  ==========================================================
 
-A cell *passes* when every compared value is within :mod:`runtime.verify.tolerances`; it is
-*skipped* (never counted as a pass) only when the runtime reports it cannot run the graph
-(onnxruntime ``NOT_IMPLEMENTED``, ``NotImplementedError`` from the reference evaluator).
-Every other error fails the cell, with the error as its reason.
+Outputs are compared leaf by leaf, whatever ``forward`` returns (a tensor, tuples, lists,
+dicts, transformers' ``ModelOutput``): :func:`export.outputs.named_leaves` flattens the PyTorch
+side in the order the exported graph's outputs follow, and each check is named after the graph
+output.  Train-mode passes (``train``, ``recalibrate``) run with the random layers in eval
+(:mod:`runtime.verify.randomness`) on both sides.
+
+A cell's status (the table in :mod:`runtime.verify.facts`): *pass* when every compared value
+is within :mod:`runtime.verify.tolerances`, *fail* only for a value outside it; *skipped*
+(never a pass) when the runtime reports it cannot run the graph (onnxruntime
+``NOT_IMPLEMENTED``, ``NotImplementedError`` from the reference evaluator); *error* for any
+other exception (creating the session, running the graph, the PyTorch side); *crash* when
+onnxruntime died in the isolated child (:mod:`runtime.verify.isolate`).  The cells are run by
+:func:`runtime.verify.matrix.verify_subject`.
 """
 
 from __future__ import annotations
@@ -33,12 +42,13 @@ import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 from torch import Tensor, nn
 
-import export
+from export.outputs import named_leaves
 from runtime._recalibration_feeds import session, state_pairs
 from runtime.recalibration import recalibrate
 from runtime.verify._reference import reference
+from runtime.verify.randomness import train_mode
 from runtime.verify.subjects import Subject
-from runtime.verify.tolerances import Tolerance, tolerance
+from runtime.verify.tolerances import Tolerance
 
 __all__ = [
     "DTYPES",
@@ -47,6 +57,10 @@ __all__ = [
     "Cell",
     "Check",
     "compare",
+    "error_cells",
+    "first_lines",
+    "mode_cells",
+    "probe_feeds",
     "run_subject",
     "train_batches",
 ]
@@ -115,7 +129,7 @@ def compare(actual, expected, tol: Tolerance, quantity: str, step: int) -> Check
 
 @dataclass
 class Cell:
-    """One cell of the matrix; ``status`` is ``pass``, ``fail`` or ``skipped``."""
+    """One cell of the matrix; ``status`` is one of :data:`runtime.verify.facts.STATUSES`."""
 
     subject: str
     kind: str
@@ -192,26 +206,73 @@ def _reference_module(module: nn.Module, dtype: str) -> nn.Module:
 
 
 def _outputs(value) -> list[np.ndarray]:
-    values = value if isinstance(value, tuple | list) else (value,)
-    return [v.detach().numpy() for v in values]
+    """Every tensor leaf of a ``forward``'s return value, in the exported outputs' order."""
+    return [v.detach().numpy() for v in named_leaves(value).values()]
+
+
+def _torch_train(module: nn.Module, dtype: str) -> nn.Module:
+    return train_mode(_reference_module(module, dtype))
+
+
+def _compare_outputs(cell: Cell, names, got, expected, tol: Tolerance, step: int) -> None:
+    if len(got) != len(expected):
+        inf, what = float("inf"), f"{len(got)} outputs vs {len(expected)}"
+        cell.checks.append(Check(what, step, inf, inf, inf, False))
+        return
+    for name, a, e in zip(names, got, expected, strict=True):
+        cell.checks.append(compare(a, e, tol, name, step))
 
 
 # -- the runtimes -----------------------------------------------------------------------------
 
 
-def _skip_reason(err: Exception) -> str | None:
+class SessionError(Exception):
+    """The runtime could not open the graph; ``__cause__`` is its exception."""
+
+
+def _open(model: onnx.ModelProto, runtime: str):
+    try:
+        return session(model) if runtime == "onnxruntime" else reference(model)
+    except Exception as err:
+        raise SessionError(f"{runtime} could not create a session") from err
+
+
+def first_lines(err: BaseException, limit: int = 300) -> str:
+    """``Type: message`` from an exception's first non-empty lines, never a traceback."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = ""
+    for line in lines:
+        if line.startswith(("Traceback", 'File "')) or (text and len(text) + len(line) > limit):
+            break
+        text = f"{text} {line}" if text else line
+    text = text[:limit] or "(no message)"
+    return f"{type(err).__name__}: {text}"
+
+
+def _skip_reason(err: BaseException) -> str | None:
+    if isinstance(err, SessionError) and err.__cause__ is not None:
+        err = err.__cause__
     if isinstance(err, OrtNotImplemented | NotImplementedError):
         return str(err).strip().splitlines()[0][:300] or type(err).__name__
     return None
 
 
-def _guarded(cell: Cell, body: Callable[[], None]) -> Cell:
+def _guarded(cell: Cell, body: Callable[[], None], crashed: str | None = None) -> Cell:
+    """Run ``body``: its checks decide pass/fail; an exception is ``skipped`` or ``error``."""
+    if crashed is not None:
+        cell.status, cell.reason = "crash", crashed
+        return cell
     try:
         body()
-    except Exception as err:  # a runtime error is the cell's result, never a crash
+    except Exception as err:  # a runtime error is the cell's result, never verify's crash
         skip = _skip_reason(err)
-        cell.status = "skipped" if skip else "fail"
-        cell.reason = f"skipped: {skip}" if skip else f"{type(err).__name__}: {err}"[:500]
+        if skip:
+            cell.status, cell.reason = "skipped", f"skipped: {skip}"
+        elif isinstance(err, SessionError):
+            cell.status, cell.reason = "error", f"{err}: {first_lines(err.__cause__ or err)}"
+        else:
+            cell.status = "error"
+            cell.reason = f"{cell.runtime} failed running the graph: {first_lines(err)}"
     return cell.finish()
 
 
@@ -223,7 +284,7 @@ def _data_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
-def _eval_cells(subject, module, models_, dtype, tol, new_cell) -> list[Cell]:
+def _eval_cells(subject, module, models_, dtype, tol, new_cell, crashes) -> list[Cell]:
     ref = _reference_module(module, dtype).eval()
     batches = [_draw(subject, spec) for spec in EVAL_BATCHES]
     with torch.no_grad():
@@ -236,20 +297,20 @@ def _eval_cells(subject, module, models_, dtype, tol, new_cell) -> list[Cell]:
             cell = new_cell(opset, "eval", runtime, used)
 
             def body(cell=cell, model=model, runtime=runtime, ins=in_names, outs=out_names):
-                run = session(model).run if runtime == "onnxruntime" else reference(model).run
+                run = _open(model, runtime).run
                 for step, batch in enumerate(batches[: len(cell.batches)]):
                     got = run(None, _feeds(ins, batch, dtype))
-                    for name, a, e in zip(outs, got, expected[step], strict=True):
-                        cell.checks.append(compare(a, e, tol, name, step))
+                    _compare_outputs(cell, outs, got, expected[step], tol, step)
 
-            cells.append(_guarded(cell, body))
+            crashed = crashes.get(opset) if runtime == "onnxruntime" else None
+            cells.append(_guarded(cell, body, crashed))
     return cells
 
 
-def _train_cells(subject, module, models_, dtype, tol, steps, new_cell) -> list[Cell]:
+def _train_cells(subject, module, models_, dtype, tol, steps, new_cell, crashes) -> list[Cell]:
     specs = train_batches(steps)
     batches = [_draw(subject, spec) for spec in specs]
-    ref = _reference_module(module, dtype).train()
+    ref = _torch_train(module, dtype)
     expected = []
     with torch.no_grad():
         for batch in batches:
@@ -263,28 +324,28 @@ def _train_cells(subject, module, models_, dtype, tol, steps, new_cell) -> list[
         cell = new_cell(opset, "train", "onnxruntime", specs)
 
         def body(cell=cell, model=model, in_names=in_names, out_names=out_names, pairs=pairs):
-            sess = session(model)
+            sess = _open(model, "onnxruntime")
             state: dict[str, np.ndarray] = {}  # step 0: the exported defaults
             for step, batch in enumerate(batches):
                 got = sess.run(None, {**_feeds(in_names, batch, dtype), **state})
                 named = dict(zip(out_names + [o for _, o in pairs], got, strict=True))
                 outs, buffers = expected[step]
-                for name, e in zip(out_names, outs, strict=True):
-                    cell.checks.append(compare(named[name], e, tol, name, step))
+                _compare_outputs(cell, out_names, [named[n] for n in out_names], outs, tol, step)
                 for name, out in pairs:
                     if name not in buffers:
                         raise KeyError(f"state {name!r} is no buffer of the PyTorch module")
                     cell.checks.append(compare(named[out], buffers[name], tol, name, step))
                 state = {name: named[out] for name, out in pairs}
 
-        cells.append(_guarded(cell, body))
+        cells.append(_guarded(cell, body, crashes.get(opset)))
     return cells
 
 
-def _recalibration_cells(subject, module, models_, dtype, tol, new_cell) -> list[Cell]:
+def _recalibration_cells(subject, module, models_, dtype, tol, new_cell, crashes) -> list[Cell]:
+    """PyTorch replays its momentum over the batches: the compare is ``method="ema"``."""
     batches = [_draw(subject, spec, shift=True) for spec in RECALIBRATION_BATCHES]
     held_out = _draw(subject, HELD_OUT, shift=True)
-    ref = _reference_module(module, dtype).train()
+    ref = _torch_train(module, dtype)
     with torch.no_grad():
         for batch in batches:
             ref(*_torch_side(batch, dtype))
@@ -295,31 +356,47 @@ def _recalibration_cells(subject, module, models_, dtype, tol, new_cell) -> list
         cell = new_cell(opset, "recalibrate", "onnxruntime", (*RECALIBRATION_BATCHES, HELD_OUT))
 
         def body(cell=cell, model=model, in_names=in_names, out_names=out_names) -> None:
-            eval_model = recalibrate(model, [_feeds(in_names, b, dtype) for b in batches])
-            got = session(eval_model).run(None, _feeds(in_names, held_out, dtype))
-            for name, a, e in zip(out_names, got, expected, strict=True):
-                cell.checks.append(compare(a, e, tol, name, len(batches)))
+            feeds = [_feeds(in_names, b, dtype) for b in batches]
+            eval_model = recalibrate(model, feeds, method="ema")
+            got = _open(eval_model, "onnxruntime").run(None, _feeds(in_names, held_out, dtype))
+            _compare_outputs(cell, out_names, got, expected, tol, len(batches))
 
-        cells.append(_guarded(cell, body))
+        cells.append(_guarded(cell, body, crashes.get(opset)))
     return cells
 
 
-# -- one subject ------------------------------------------------------------------------------
+def mode_cells(mode: str, subject, module, models_, dtype, tol, steps, new_cell, crashes):
+    """The cells of one mode over ``models_`` (``{opset: model}``); ``crashes`` maps an opset
+    whose onnxruntime session crashed the isolated child to the reason.
+
+    Raises:
+        Exception: whatever the PyTorch side raised on the batches.
+    """
+    if mode == "eval":
+        return _eval_cells(subject, module, models_, dtype, tol, new_cell, crashes)
+    if mode == "train":
+        return _train_cells(subject, module, models_, dtype, tol, steps, new_cell, crashes)
+    return _recalibration_cells(subject, module, models_, dtype, tol, new_cell, crashes)
 
 
-def _export(subject: Subject, module: nn.Module, mode: str, opsets, dtype: str):
-    work = copy.deepcopy(module)  # export takes torch.nn norms and subclasses as they are
-    work.train(mode == "train")
-    return export.to_onnx_opsets(
-        work,
-        _draw(subject, EXPORT_BATCH),
-        mode=mode,
-        opsets=list(opsets),
-        dtype=DTYPES[dtype] if dtype != "float32" else None,
-        dynamic=subject.dynamic,
-        input_names=subject.input_names,
-        output_names=subject.output_names,
-    )
+def probe_feeds(subject: Subject, model: onnx.ModelProto, mode: str, dtype: str) -> dict:
+    """The first feeds the cells of an export give onnxruntime (what the isolated child runs)."""
+    spec = EVAL_BATCHES[0] if mode == "eval" else train_batches(1)[0]
+    return _feeds(_data_names(model)[0], _draw(subject, spec), dtype)
+
+
+def error_cells(
+    status: str, modes: Sequence[str], opsets: Sequence[int], new_cell, reason: str
+) -> list[Cell]:
+    """Cells that could not run, every runtime of every mode and opset: ``status`` and why."""
+    cells = []
+    for mode in modes:
+        for runtime in RUNTIMES[mode]:
+            for opset in opsets:
+                cell = new_cell(opset, mode, runtime, [])
+                cell.status, cell.reason = status, reason[:500]
+                cells.append(cell)
+    return cells
 
 
 def run_subject(
@@ -329,55 +406,7 @@ def run_subject(
     modes: Sequence[str] = MODES,
     steps: int = 3,
 ) -> list[Cell]:
-    """Every cell of one subject. Exports once per dtype and mode (all opsets per trace)."""
-    module = subject.factory()
-    stateful = bool(subject.stateful(module))
-    cells: list[Cell] = []
-    for dtype in dtypes:
-        tol = tolerance(dtype, subject.scope)
+    """Every cell of one subject (:func:`runtime.verify.matrix.verify_subject`'s cells)."""
+    from runtime.verify.matrix import verify_subject
 
-        def new_cell(opset, mode, runtime, specs, dtype=dtype, tol=tol) -> Cell:
-            batches = [{"batch_size": b, "seed": s, "alt": a} for b, s, a in specs]
-            return Cell(
-                subject.name, subject.kind, opset, dtype, mode, runtime, tol.atol, tol.rtol,
-                batches=batches,
-            )  # fmt: skip
-
-        for export_mode in ("eval", "train"):
-            # A train export needs a layer that updates running statistics: without one the
-            # train graph would only repeat the eval graph, so there is nothing to verify.
-            wanted = [m for m in modes if m == export_mode and (m == "eval" or stateful)]
-            if export_mode == "train" and stateful and "recalibrate" in modes:
-                wanted.append("recalibrate")
-            if not wanted:
-                continue
-            try:
-                exported = _export(subject, module, export_mode, opsets, dtype)
-            except Exception as err:  # the export is part of what is verified
-                cells += _failed(wanted, opsets, new_cell, f"export failed: {err}")
-                continue
-            for mode in wanted:
-                try:
-                    if mode == "eval":
-                        found = _eval_cells(subject, module, exported, dtype, tol, new_cell)
-                    elif mode == "train":
-                        found = _train_cells(subject, module, exported, dtype, tol, steps, new_cell)
-                    else:
-                        found = _recalibration_cells(
-                            subject, module, exported, dtype, tol, new_cell
-                        )
-                except Exception as err:  # PyTorch itself rejected the batches
-                    found = _failed([mode], opsets, new_cell, f"PyTorch reference failed: {err}")
-                cells += found
-    return cells
-
-
-def _failed(modes: Sequence[str], opsets: Sequence[int], new_cell, reason: str) -> list[Cell]:
-    cells = []
-    for mode in modes:
-        for runtime in RUNTIMES[mode]:
-            for opset in opsets:
-                cell = new_cell(opset, mode, runtime, [])
-                cell.status, cell.reason = "fail", reason[:500]
-                cells.append(cell)
-    return cells
+    return verify_subject(subject, opsets, dtypes, modes, steps).cells

@@ -1,18 +1,21 @@
 """The report's figures, with matplotlib's Agg backend (files only, no display).
 
-- ``parity_<dtype>.png``: heatmap of log10(max abs error), rows subject x mode x runtime,
-  columns opsets; failing cells marked ``FAIL``, skipped ones grey.
+- ``parity_<dtype>.png``: heatmap of log10(max error / tolerance) per cell (0 = on the
+  tolerance line), rows subject / mode / runtime, columns opsets; exact zeros, FAIL, ERR,
+  CRASH and skip marked as such (:mod:`runtime.verify.plot_parity`).
 - ``divergence_batch_size.png`` / ``divergence_networks.png``: mean |train - eval| against the
-  batch size, log-log; curves that are exactly 0 are drawn on a floor line and say so.
+  batch size, log-log, with the batch size from which each model agrees within its float16 /
+  float32 eval tolerance marked; curves that are exactly 0 are named in a box.
 - ``divergence_steps.png``: running-statistics error and eval-vs-train gap over training
   steps, momentum 0.1 (solid) and None (dashed).
-- ``batch_mates.png``: how much a sample's output moves when its batch-mates change, relative
-  to the output's scale.
+- ``batch_mates.png``: the largest change of a sample's output when its batch-mates change, in
+  output units as the report's table, train and eval mode; exact zeros labelled.
+
+Every figure has a title, axis labels with units, and its legend outside the data.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,139 +25,182 @@ matplotlib.use("Agg")  # before pyplot: never a display
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
 
-from runtime.verify.divergence import Divergence
+from runtime.verify.divergence import Divergence, agreeing_batch
+from runtime.verify.facts import SubjectFacts
 from runtime.verify.parity import Cell
+from runtime.verify.plot_parity import heatmap, save
+from runtime.verify.tolerances import tolerance
 
 __all__ = ["draw"]
 
 _FLOOR = 1e-16  # where exact zeros are drawn on log axes
 
 
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _agreement(d: Divergence, dtype: str) -> tuple[float, int | None]:
+    tol = tolerance(dtype, "layer" if d.kind == "layer" else "network")
+    return tol.atol + tol.rtol * d.output_scale, agreeing_batch(d, tol.atol, tol.rtol)
 
 
-def _heatmap(cells: Sequence[Cell], dtype: str, path: Path) -> None:
-    chosen = [c for c in cells if c.dtype == dtype]
-    opsets = sorted({c.opset for c in chosen})
-    rows = list(dict.fromkeys((c.subject, c.mode, c.runtime) for c in chosen))
-    grid = np.full((len(rows), len(opsets)), np.nan)
-    marks = {}
-    for c in chosen:
-        i, j = rows.index((c.subject, c.mode, c.runtime)), opsets.index(c.opset)
-        worst = c.worst
-        if c.status == "skipped":
-            marks[(i, j)] = ("skip", "black")
-        elif c.status == "fail":
-            marks[(i, j)] = ("FAIL", "red")
-        if worst is not None and c.status != "skipped" and math.isfinite(worst.max_abs):
-            grid[i, j] = math.log10(max(worst.max_abs, _FLOOR))
-    fig, ax = plt.subplots(figsize=(4.5 + 0.9 * len(opsets), 1.5 + 0.2 * len(rows)))
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#d0d0d0")
-    image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-12, vmax=0)
-    for i in range(len(rows)):
-        for j in range(len(opsets)):
-            text, color = marks.get((i, j), (f"{grid[i, j]:.1f}", "white"))
-            if text != "nan":
-                ax.text(j, i, text, ha="center", va="center", fontsize=6, color=color)
-    ax.set_xticks(range(len(opsets)), [f"opset {o}" for o in opsets], fontsize=8)
-    ax.set_yticks(range(len(rows)), [" / ".join(r) for r in rows], fontsize=6)
-    ax.set_title(f"{dtype}: log10 max abs error vs PyTorch\n(grey: skipped)", fontsize=9)
-    fig.colorbar(image, ax=ax, label="log10 max abs error", shrink=0.5)
-    _save(fig, path)
+_TOLERANCE_STYLE = {  # dtype: (tolerance line, marker at the first agreeing batch size)
+    "float16": (":", {"marker": "o", "ms": 12, "mfc": "none", "mew": 1.8}),
+    "float32": ("-.", {"marker": "*", "ms": 14, "mec": "black"}),
+}
 
 
-def _curve(ax, xs, ys, label: str, **style) -> None:
-    zero = all(y == 0 for y in ys)
-    drawn = [max(y, _FLOOR) for y in ys]
-    ax.plot(xs, drawn, marker="o", markersize=3, label=label + (" (= 0)" if zero else ""), **style)
+def _tolerance_key() -> list[Line2D]:
+    """Legend entries, in grey, for the per-model tolerance lines and markers."""
+    key = []
+    for dtype, (style, marker) in _TOLERANCE_STYLE.items():
+        key.append(Line2D([], [], color="0.4", ls=style, label=f"{dtype} eval tolerance"))
+        key.append(
+            Line2D([], [], color="0.4", ls="", **marker, label=f"first B within {dtype} tol.")
+        )
+    return key
 
 
 def _batch_sizes(divs: Sequence[Divergence], title: str, path: Path) -> None:
-    """Non-zero curves log-log; the exactly-zero ones are named in a box, not drawn."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    zeros = []
+    """Non-zero curves log-log, each with its float16 and float32 eval tolerance
+    (``atol + rtol * mean |output|``) and a marker at the batch size from which it stays
+    below; curves that are exactly 0 are named in the legend (nothing to draw on a log axis).
+    """
+    fig, ax = plt.subplots(figsize=(9, 5.5), layout="constrained")
+    zeros, drawn = [], []
+    colors = plt.get_cmap("tab10")
     for d in divs:
         points = [p for p in d.batch_curve if p.mean_abs is not None]
-        if all(p.mean_abs == 0 for p in points):
+        if not points or all(p.mean_abs == 0 for p in points):
             zeros.append(d.subject)
             continue
+        color = colors(len(drawn) % 10)
+        sizes = [p.batch_size for p in points]
+        drawn += sizes
+        answers = []
+        for dtype, (style, marker) in _TOLERANCE_STYLE.items():
+            bound, at = _agreement(d, dtype)
+            ax.hlines(bound, sizes[0], sizes[-1], colors=[color], linestyles=style, lw=1)
+            answers.append(f"{dtype} from B={at}" if at else f"{dtype} not up to B={sizes[-1]}")
+            if at is not None:
+                y = next(p.mean_abs for p in points if p.batch_size == at)
+                ax.plot(at, max(y, _FLOOR), color=color, ls="", **marker)
         ax.plot(
-            [p.batch_size for p in points],
+            sizes,
             [max(p.mean_abs, _FLOOR) for p in points],
-            marker="o",
-            markersize=3,
-            label=d.subject,
+            marker=".",
+            color=color,
+            label=f"{d.subject} (within tolerance: {', '.join(answers)})",
         )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("mean |train - eval|")
-    ax.set_title(title, fontsize=10)
+    ticks = sorted(set(drawn)) or [1]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("batch size B (samples per batch)")
+    ax.set_ylabel("mean |train - eval| per output element (output units)")
+    ax.set_title(title + "\nFrom which batch size do train and eval agree within tolerance?")
+    handles, _ = ax.get_legend_handles_labels()
+    handles += _tolerance_key() if drawn else []
     if zeros:
-        ax.text(
-            0.02, 0.02, "train == eval exactly (0) at every size:\n" + "\n".join(zeros),
-            transform=ax.transAxes, fontsize=7, va="bottom",
-            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8},
-        )  # fmt: skip
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6, loc="upper right")
+        text = "train == eval exactly (0) at every B: " + ", ".join(zeros)
+        handles.append(Line2D([], [], ls="", label=text))
+    if not drawn:
+        ax.text(0.5, 0.5, "no curve above 0", transform=ax.transAxes, ha="center")
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=7)
     ax.grid(True, which="major", alpha=0.3)
-    _save(fig, path)
+    save(fig, path)
+
+
+_STEP_PANELS = (
+    ("mean_error", "Running mean vs data mean", "max over channels |error| (data std)"),
+    ("var_error", "Running variance vs data variance", "max over channels |ratio - 1| (relative)"),
+    ("output_gap", "Eval vs train output, held-out batch", "mean |eval - train| (output units)"),
+)
 
 
 def _steps(divs: Sequence[Divergence], path: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.6), layout="constrained")
     colors = plt.get_cmap("tab10")
-    fields = (
-        ("mean_error", "running-mean error (data std)"),
-        ("var_error", "running-var relative error"),
-        ("output_gap", "mean |eval - train|, held-out batch"),
-    )
     for k, d in enumerate(d for d in divs if d.steps):
         for curve in d.steps:
-            style = {"color": colors(k), "linestyle": "-" if curve.momentum is not None else "--"}
-            label = f"{d.family}, momentum {curve.momentum}"
-            for ax, (name, _) in zip(axes, fields, strict=True):
-                _curve(ax, [s + 1 for s in curve.steps], getattr(curve, name), label, **style)
-    for ax, (_, ylabel) in zip(axes, fields, strict=True):
+            style = {"color": colors(k % 10), "ls": "-" if curve.momentum is not None else "--"}
+            for ax, (name, _, _) in zip(axes, _STEP_PANELS, strict=True):
+                ys = getattr(curve, name)
+                zero = all(y == 0 for y in ys)
+                ax.plot(
+                    [s + 1 for s in curve.steps],
+                    [max(y, _FLOOR) for y in ys],
+                    marker="o",
+                    markersize=3,
+                    label=f"{d.family}, momentum {curve.momentum}" + (" (= 0)" if zero else ""),
+                    **style,
+                )
+    for ax, (_, title, ylabel) in zip(axes, _STEP_PANELS, strict=True):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("training steps + 1")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training steps + 1 (batches of 16)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=6)
-    fig.suptitle("Running statistics converging to the data's (solid: 0.1, dashed: None)")
-    _save(fig, path)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.suptitle(
+        "Running statistics converging to the data's, from random statistics "
+        "(solid: momentum 0.1, dashed: None = cumulative average)",
+        fontsize=11,
+    )
+    fig.legend(
+        handles, labels, loc="outside lower center", ncol=min(4, max(1, len(labels))), fontsize=8
+    )
+    save(fig, path)
 
 
 def _mates(divs: Sequence[Divergence], path: Path) -> None:
-    """Change of sample 0's output relative to the mean |output|; exact zeros labelled."""
-    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.28 * len(divs)))
+    """Largest change of sample 0's output (output units); exact zeros labelled, not drawn."""
+    fig, ax = plt.subplots(figsize=(9, 1.8 + 0.45 * len(divs)), layout="constrained")
     y = np.arange(len(divs))
-    for offset, mode, values in (
-        (-0.2, "train mode", [d.mates_train / d.output_scale for d in divs]),
-        (0.2, "eval mode", [d.mates_eval / d.output_scale for d in divs]),
-    ):
-        ax.barh(y + offset, values, height=0.4, label=mode)
+    series = (
+        (-0.2, "train mode", [d.mates_train for d in divs], "tab:orange"),
+        (0.2, "eval mode", [d.mates_eval for d in divs], "tab:blue"),
+    )
+    nonzero = [v for _, _, values, _ in series for v in values if v > 0]
+    left = min(nonzero, default=1.0) / 30
+    right = max(nonzero, default=1.0) * 3
+    for offset, mode, values, color in series:
+        widths = [v - left if v > 0 else 0.0 for v in values]
+        ax.barh(y + offset, widths, left=left, height=0.38, label=mode, color=color)
         for yi, value in zip(y + offset, values, strict=True):
-            if value == 0:
-                ax.text(0, yi, " 0", va="center", fontsize=6)
-    ax.set_yticks(y, [d.subject for d in divs], fontsize=7)
+            if value == 0:  # no bar on a log axis: a mark at the edge and the words
+                ax.plot(left, yi, marker=">", ms=7, color=color, clip_on=False)
+                ax.text(left * 1.3, yi, f"{mode}: 0 (exact)", va="center", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlim(left, right)
+    labels = [f"{d.subject}\nmean |output| {d.output_scale:.2g}" for d in divs]
+    ax.set_yticks(y, labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("max change of sample 0's output when its 7 batch-mates change / mean |output|")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel("largest |change| of sample 0's output (output units, float64)")
+    ax.set_ylabel("subject (its mean |output|, output units)")
+    ax.set_title(
+        "Does a sample's output depend on its batch-mates?\n"
+        "batch of 8, the 7 batch-mates replaced by fresh samples",
+        fontsize=10,
+    )
+    fig.legend(fontsize=7, loc="outside right upper")
     ax.grid(True, axis="x", alpha=0.3)
-    _save(fig, path)
+    save(fig, path)
 
 
-def draw(out: Path, cells: Sequence[Cell], divergences: Sequence[Divergence]) -> list[str]:
+def draw(
+    out: Path,
+    cells: Sequence[Cell],
+    divergences: Sequence[Divergence],
+    facts: Sequence[SubjectFacts] = (),
+) -> list[str]:
     """Draw every figure the data allows under ``out / "plots"``; their paths relative to
-    ``out``."""
-    folder = out / "plots"
+    ``out``.  ``facts``: the subjects' facts, as the report gets them; the figures themselves
+    draw only on the cells and the divergence study."""
+    del facts
+    folder = Path(out) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
     made = []
 
@@ -163,13 +209,12 @@ def draw(out: Path, cells: Sequence[Cell], divergences: Sequence[Divergence]) ->
         return folder / name
 
     for dtype in sorted({c.dtype for c in cells}, reverse=True):
-        _heatmap(cells, dtype, keep(f"parity_{dtype}.png"))
+        heatmap(cells, dtype, keep(f"parity_{dtype}.png"))
     layers = [d for d in divergences if d.kind == "layer"]
     networks = [d for d in divergences if d.kind != "layer"]
     if layers:
-        _batch_sizes(
-            layers, "Layers: train vs eval by batch size", keep("divergence_batch_size.png")
-        )
+        title = "Layers: train vs eval by batch size"
+        _batch_sizes(layers, title, keep("divergence_batch_size.png"))
     if networks:
         title = "Networks: train vs eval by batch size"
         _batch_sizes(networks, title, keep("divergence_networks.png"))

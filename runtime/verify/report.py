@@ -1,19 +1,26 @@
-"""``results.json`` (everything, machine-readable) and ``report.md`` (tables and the reading).
+"""``results.json`` (everything, machine-readable) and ``report.md`` (verdicts, tables, reading).
 
 ``results.json``::
 
     {"schema": 1,
      "meta": {versions, opsets, dtypes, modes, steps, subjects, duration_s, ...},
      "tolerances": [{"dtype", "scope", "atol", "rtol"}],
-     "summary": {"cells", "passed", "failed", "skipped", "failed_cells": [id], ...},
+     "summary": {"verdict", "cells", "passed", "failed", "skipped", "errors", "crashes",
+                 "failed_cells": [id], "skipped_cells": [id], "error_cells": [id]},
+     "subjects": [{SubjectFacts fields, "verdict": "PASS|WARN|FAIL|ERROR", "reasons": [...],
+                   "worst": {"cell", "quantity", "step", "ratio", "max_rel", "max_abs"},
+                   "line": "<the verdict line>", "reading": [...]}],
      "parity": [{"id": "<subject>/<mode>/<runtime>/<dtype>/opset<N>", "status", "reason",
                  "max_abs", "max_rel", "worst", "atol", "rtol",
                  "batches": [{"batch_size", "seed", "alt"}],   # how the inputs were drawn
                  "checks": [{"quantity", "step", "max_abs", "max_rel", "ratio", "ok"}]}],
      "divergence": [{"subject", "family", "output_scale", "batch_curve", "mates_train",
                      "mates_eval", "depends_on_batch", "steps": [...]}],
-     "reading": {"parity": [...], ...},
+     "reading": {"parity": [...], ..., "subjects": {name: [...]}},
      "plots": ["plots/....png"]}
+
+``error_cells`` holds the cells that could not run (``error``: cannot export, no session;
+``crash``: onnxruntime died by a signal); they are counted apart from parity failures.
 """
 
 from __future__ import annotations
@@ -23,10 +30,13 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from runtime.verify import tables
 from runtime.verify.divergence import Divergence
+from runtime.verify.facts import SubjectFacts
 from runtime.verify.parity import Cell
-from runtime.verify.reading import fmt, reading
+from runtime.verify.reading import reading, subject_reading
 from runtime.verify.tolerances import TOLERANCES
+from runtime.verify.verdict import Verdict, verdict
 
 __all__ = ["summary", "to_json", "write"]
 
@@ -37,23 +47,71 @@ _SECTIONS = {
     "steps": "Layers: running statistics over training steps",
     "networks": "Networks",
 }
+_SEVERITY = {"PASS": 0, "WARN": 1, "ERROR": 2, "FAIL": 3}  # a failure outranks an error
 
 
-def summary(cells: Sequence[Cell]) -> dict:
+def summary(cells: Sequence[Cell], verdicts: Sequence[Verdict] = ()) -> dict:
     by = {s: [c.id for c in cells if c.status == s] for s in ("pass", "fail", "skipped")}
+    broken = [c.id for c in cells if c.status in ("error", "crash")]
     return {
+        "verdict": overall(cells, verdicts),
         "cells": len(cells),
         "passed": len(by["pass"]),
         "failed": len(by["fail"]),
         "skipped": len(by["skipped"]),
+        "errors": sum(c.status == "error" for c in cells),
+        "crashes": sum(c.status == "crash" for c in cells),
         "failed_cells": by["fail"],
         "skipped_cells": by["skipped"],
+        "error_cells": broken,
     }
 
 
+def overall(cells: Sequence[Cell], verdicts: Sequence[Verdict]) -> str:
+    """The worst subject verdict (and never better than the cells say)."""
+    words = [v.word for v in verdicts]
+    if any(c.status == "fail" for c in cells):
+        words.append("FAIL")
+    if any(c.status in ("error", "crash") for c in cells):
+        words.append("ERROR")
+    return max(words, key=_SEVERITY.__getitem__, default="PASS")
+
+
+def _derived(cells: Sequence[Cell], facts: Sequence[SubjectFacts]) -> list[SubjectFacts]:
+    """Facts for subjects the caller gave none for: only what the cells show."""
+    known = {f.name for f in facts}
+    found: dict[str, SubjectFacts] = {}
+    for c in cells:
+        if c.subject not in known:
+            f = found.setdefault(c.subject, SubjectFacts(c.subject, c.kind))
+            if c.status in ("pass", "fail") and c.mode not in f.modes_run:
+                f.modes_run.append(c.mode)
+            f.recalibrated |= c.mode == "recalibrate" and c.status in ("pass", "fail")
+    return list(found.values())
+
+
+def _subjects(cells, divergences, facts) -> list[dict]:
+    divs = {d.subject: d for d in divergences}
+    given = {f.name for f in facts}
+    entries = []
+    for f in [*facts, *_derived(cells, facts)]:
+        v = verdict(f, cells)
+        # Without the caller's facts, only what the cells and the study show: no claim about
+        # the model's layers or random modules.
+        sentences = subject_reading(f, cells, divs.get(f.name), claims=f.name in given)
+        entries.append({**f.to_json(), **v.to_json(), "reading": sentences})
+    return entries
+
+
 def to_json(
-    cells: Sequence[Cell], divergences: Sequence[Divergence], meta: dict, plots: Sequence[str]
+    cells: Sequence[Cell],
+    divergences: Sequence[Divergence],
+    meta: dict,
+    plots: Sequence[str],
+    facts: Sequence[SubjectFacts] = (),
 ) -> dict:
+    subjects = _subjects(cells, divergences, facts)
+    verdicts = [Verdict(s["name"], s["verdict"]) for s in subjects]
     return {
         "schema": 1,
         "meta": meta,
@@ -61,113 +119,43 @@ def to_json(
             {"dtype": d, "scope": s, "atol": t.atol, "rtol": t.rtol}
             for (d, s), t in TOLERANCES.items()
         ],
-        "summary": summary(cells),
+        "summary": summary(cells, verdicts),
+        "subjects": subjects,
         "parity": [c.to_json() for c in cells],
         "divergence": [d.to_json() for d in divergences],
-        "reading": reading(cells, divergences),
+        "reading": reading(cells, divergences, facts),
         "plots": list(plots),
     }
 
 
-def _cell_text(cell: Cell | None) -> str:
-    if cell is None:
-        return ""
-    if cell.status == "skipped":
-        return "skipped"
-    worst = cell.worst
-    if cell.status == "fail":
-        where = f" {worst.quantity}" if worst is not None else ""
-        return f"**FAIL** {fmt(worst.max_abs) if worst else 'error'}{where}"
-    return f"ok {fmt(worst.max_abs)}" if worst is not None else "ok"
-
-
-def _image(plots: Sequence[str], path: str) -> list[str]:
-    return [f"![{Path(path).stem}]({path})"] if path in plots else []
-
-
-def _matrix(cells: Sequence[Cell], plots: Sequence[str]) -> list[str]:
-    opsets = sorted({c.opset for c in cells})
-    lines = []
-    for dtype in sorted({c.dtype for c in cells}, reverse=True):
-        rows: dict[tuple, dict[int, Cell]] = {}
-        for c in cells:
-            if c.dtype == dtype:
-                rows.setdefault((c.subject, c.mode, c.runtime), {})[c.opset] = c
-        lines += [
-            f"### {dtype}",
-            "",
-            "Max absolute error per cell (worst value over outputs, statistics and steps).",
-            "",
-            "| subject | mode | runtime | " + " | ".join(f"opset {o}" for o in opsets) + " |",
-            "|---|---|---|" + "---|" * len(opsets),
-        ]
-        for (subject, mode, runtime), by_opset in rows.items():
-            texts = " | ".join(_cell_text(by_opset.get(o)) for o in opsets)
-            lines.append(f"| {subject} | {mode} | {runtime} | {texts} |")
-        lines += ["", *_image(plots, f"plots/parity_{dtype}.png"), ""]
+def _models(data: dict, cells: Sequence[Cell]) -> list[str]:
+    lines = ["## Models", ""]
+    for s in data["subjects"]:
+        mine = [c for c in cells if c.subject == s["name"]]
+        lines += [f"### {s['name']}", "", f"**{s['line']}**", ""]
+        lines += [f"- {sentence}" for sentence in s["reading"]] + [""]
+        if mine:
+            lines += [*tables.parity_table(mine), ""]
     return lines
 
 
-def _divergence(divs: Sequence[Divergence], plots: Sequence[str]) -> list[str]:
-    if not divs:
-        return []
-    lines = [
-        "## Divergence study",
-        "",
-        "float64 PyTorch on the normport layers (proved equal to the exported graphs above); "
-        "running statistics set to the data's statistics (layers) or estimated by a cumulative "
-        "average (networks).",
-        "",
-        "### Batch-mates: does a sample's output depend on the rest of its batch?",
-        "",
-        "| subject | family | train-mode change | eval-mode change | output scale "
-        "| depends on batch |",
-        "|---|---|---|---|---|---|",
-    ]
-    for d in divs:
-        lines.append(
-            f"| {d.subject} | {d.family} | {fmt(d.mates_train)} | {fmt(d.mates_eval)} | "
-            f"{fmt(d.output_scale)} | {'yes' if d.depends_on_batch else 'no'} |"
-        )
-    lines += ["", *_image(plots, "plots/batch_mates.png"), ""]
-    for kind, title in (("layer", "Layers"), ("network", "Networks")):
-        group = [d for d in divs if (d.kind == "layer") == (kind == "layer")]
-        if not group:
-            continue
-        sizes = [p.batch_size for p in group[0].batch_curve]
-        lines += [
-            f"### {title}: mean |train - eval| by batch size",
-            "",
-            "| subject | " + " | ".join(f"B={s}" for s in sizes) + " |",
-            "|---|" + "---|" * len(sizes),
-        ]
-        for d in group:
-            values = " | ".join(fmt(p.mean_abs) for p in d.batch_curve)
-            lines.append(f"| {d.subject} | {values} |")
-        plot = "divergence_batch_size" if kind == "layer" else "divergence_networks"
-        lines += ["", *_image(plots, f"plots/{plot}.png"), ""]
-    curves = [(d, c) for d in divs for c in d.steps]
-    if curves:
-        steps = curves[0][1].steps
-        lines += [
-            "### Running statistics over training steps",
-            "",
-            "Running-mean error in data standard deviations (max over channels), from the "
-            "layer's random statistics with num_batches_tracked = 0, batches of 16:",
-            "",
-            "| family | momentum | " + " | ".join(f"k={k}" for k in steps) + " |",
-            "|---|---|" + "---|" * len(steps),
-        ]
-        for d, c in curves:
-            values = " | ".join(fmt(v) for v in c.mean_error)
-            lines.append(f"| {d.family} | {c.momentum} | {values} |")
-        lines += ["", *_image(plots, "plots/divergence_steps.png"), ""]
+def _cell_lists(cells: Sequence[Cell]) -> list[str]:
+    lines = []
+    for statuses, title in (
+        (("fail",), "Failing cells"),
+        (("error", "crash"), "Cells that could not run (errors and crashes, not parity failures)"),
+        (("skipped",), "Skipped cells (not passes)"),
+    ):
+        chosen = [c for c in cells if c.status in statuses]
+        if chosen:
+            lines += [f"## {title}", ""]
+            lines += [f"- `{c.id}` ({tables.LABELS[c.status]}): {c.reason}" for c in chosen]
+            lines += [""]
     return lines
 
 
 def _markdown(data: dict, cells: Sequence[Cell], divs: Sequence[Divergence]) -> str:
     meta, total = data["meta"], data["summary"]
-    verdict = "PASS" if total["failed"] == 0 else "FAIL"
     lines = [
         "# normport verification report",
         "",
@@ -175,21 +163,18 @@ def _markdown(data: dict, cells: Sequence[Cell], divs: Sequence[Divergence]) -> 
         f"{meta['onnxruntime']}; opsets {', '.join(map(str, meta['opsets']))}; "
         f"{meta['steps']} fed-back training steps; {meta['duration_s']:.0f} s.",
         "",
-        f"**{verdict}: {total['passed']} of {total['cells']} parity cells pass, "
-        f"{total['failed']} fail, {total['skipped']} skipped.**",
-        "",
-        "## What the numbers say",
+        f"**{total['verdict']}: {total['passed']} of {total['cells']} parity cells pass, "
+        f"{total['failed']} fail, {total['errors']} errors, {total['crashes']} crashes, "
+        f"{total['skipped']} skipped.**",
         "",
     ]
+    lines += [f"- {s['line']}" for s in data["subjects"]] + [""]
+    lines += _models(data, cells)
+    lines += ["## What the numbers say", ""]
     for key, title in _SECTIONS.items():
         if data["reading"].get(key):
             lines += [f"**{title}.**", ""] + [f"- {s}" for s in data["reading"][key]] + [""]
-    if total["failed"]:
-        lines += ["## Failing cells", ""]
-        lines += [f"- `{c.id}`: {c.reason}" for c in cells if c.status == "fail"] + [""]
-    if total["skipped"]:
-        lines += ["## Skipped cells (not passes)", ""]
-        lines += [f"- `{c.id}`: {c.reason}" for c in cells if c.status == "skipped"] + [""]
+    lines += _cell_lists(cells)
     if cells:
         lines += [
             "## Parity matrix",
@@ -203,14 +188,9 @@ def _markdown(data: dict, cells: Sequence[Cell], divs: Sequence[Divergence]) -> 
         ]
         lines += [f"| {t['dtype']} | {t['scope']} | {t['atol']:g} | {t['rtol']:g} |"
                   for t in data["tolerances"]]  # fmt: skip
-        lines += ["", *_matrix(cells, data["plots"])]
-    lines += _divergence(divs, data["plots"])
-    lines += [
-        "## Subjects",
-        "",
-        "| name | kind | description |",
-        "|---|---|---|",
-    ]
+        lines += ["", *tables.matrix(cells, data["plots"])]
+    lines += tables.divergence(divs, data["plots"])
+    lines += ["## Subjects", "", "| name | kind | description |", "|---|---|---|"]
     lines += [f"| {s['name']} | {s['kind']} | `{s['description']}` |" for s in meta["subjects"]]
     return "\n".join(lines) + "\n"
 
@@ -232,10 +212,16 @@ def write(
     divergences: Sequence[Divergence],
     meta: dict,
     plots: Sequence[str],
+    facts: Sequence[SubjectFacts] = (),
 ) -> dict:
-    """Write ``results.json`` and ``report.md`` under ``out``; returns the JSON data."""
+    """Write ``results.json`` and ``report.md`` under ``out``; returns the JSON data.
+
+    ``facts``: one per subject (what the model has and what ran); a subject without facts
+    gets a verdict and the sentences its cells alone support.
+    """
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = to_json(cells, divergences, meta, plots)
+    data = to_json(cells, divergences, meta, plots, facts)
     (out / "results.json").write_text(json.dumps(_finite(data), indent=1, allow_nan=False) + "\n")
     (out / "report.md").write_text(_markdown(data, cells, divergences))
     return data
