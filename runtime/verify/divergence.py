@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from export.outputs import named_leaves
+from runtime.verify.randomness import train_mode
 from runtime.verify.subjects import Subject
 
 __all__ = [
@@ -132,14 +134,17 @@ def _double(inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
 
 
 def _first(value) -> Tensor:
-    return value[0] if isinstance(value, tuple | list) else value
+    """The first output leaf (a tensor, a tuple's first, a dict's or ModelOutput's first field):
+    the one the study follows."""
+    return next(iter(named_leaves(value).values()))
 
 
 @torch.no_grad()
 def _forward(module: nn.Module, inputs: Sequence[Tensor], train: bool) -> Tensor:
-    """One forward on a copy in train mode (statistics untouched), or in place in eval."""
+    """One forward on a copy in train mode (statistics untouched; dropout and other random
+    layers off, as in the parity matrix), or in place in eval."""
     if train:
-        return _first(copy.deepcopy(module).train()(*inputs))
+        return _first(train_mode(copy.deepcopy(module))(*inputs))
     return _first(module.eval()(*inputs))
 
 
@@ -172,7 +177,7 @@ def population(subject: Subject, module: nn.Module) -> nn.Module:
     momenta = [layer.momentum for layer in layers]
     for layer in layers:
         layer.reset_running_stats()
-    module.train()
+    train_mode(module)
     for k in range(16):
         for layer in layers:
             layer.momentum = 1.0 / (k + 1)

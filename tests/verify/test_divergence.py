@@ -8,6 +8,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from runtime.verify import divergence, parity, subjects
 from runtime.verify.divergence import BatchPoint, Divergence
@@ -115,3 +116,38 @@ def test_compare(actual, expected, ok, max_abs):
     check = parity.compare(actual, expected, Tolerance(1e-5, 1e-5), "output", 0)
     assert check.ok is ok
     assert check.max_abs == pytest.approx(max_abs, rel=1e-3)
+
+
+class _PerSampleWithDropout(torch.nn.Module):
+    """Per-sample statistics (LayerNorm) and dropout, returning a ``ModelOutput``-like dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(6)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"hidden": self.drop(self.norm(x)), "pooled": x.mean(-1)}
+
+
+def make_per_sample_with_dropout():
+    torch.manual_seed(8)
+    net = _PerSampleWithDropout()
+    with torch.no_grad():
+        net.norm.weight.copy_(1 + 0.5 * torch.randn(6))
+        net.norm.bias.copy_(torch.randn(6))
+    return net, torch.randn(4, 5, 6)
+
+
+def test_structured_outputs_and_dropout_do_not_fake_batch_dependence():
+    """A dict output is followed by its first field, and train mode runs with dropout off: a
+    per-sample model's sample 0 then does not move with its batch-mates (exactly 0), nor does
+    its train output differ from eval.  With dropout on, both would be far from 0."""
+    subject = subjects.from_factory(f"{__name__}:make_per_sample_with_dropout")
+    found = divergence.study(subject, with_steps=False)
+    assert found.mates_train == 0.0 and found.mates_eval == 0.0
+    assert all(p.mean_abs == 0.0 for p in found.batch_curve)
+    module, x = make_per_sample_with_dropout()
+    expected = module.eval()(x)["hidden"]  # the first field, computed by PyTorch itself
+    assert found.output_scale > 0 and not found.depends_on_batch
+    assert torch.isfinite(expected).all()
