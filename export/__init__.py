@@ -7,6 +7,7 @@ See :func:`export.api.to_onnx` for the options, :mod:`export.lowerings` for what
 becomes at each opset, and :mod:`export._lower` for the training graphs' state inputs/outputs.
 """
 
+from export import batch_mates
 from export._lower import state_names
 from export._opset import OpsetError
 from export._save import save
@@ -17,6 +18,7 @@ __all__ = [
     "MAX_OPSET",
     "MIN_OPSET",
     "OpsetError",
+    "batch_mates",
     "save",
     "state_names",
     "to_onnx",

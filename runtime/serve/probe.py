@@ -11,7 +11,8 @@ stderr, so nothing a library prints can corrupt the protocol).
 The parent gives each model ``timeout`` seconds from the moment the child starts it.  A model
 whose probe kills the child (a signal, an exit status) or overruns is a :class:`ProbeFailed`
 with that reason; a fresh child takes the models after it.  One child serves every model that
-behaves, so a repository pays one interpreter start, not one per model.
+behaves, so a repository pays one interpreter start, not one per model.  The child-process
+protocol is :mod:`runtime.isolation`'s, shared with verify's crash isolation.
 """
 
 from __future__ import annotations
@@ -19,23 +20,17 @@ from __future__ import annotations
 import gc
 import json
 import os
-import queue
-import signal
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from runtime.isolation import Died, Emit, child_main, run_isolated
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Job", "ProbeFailed", "Probed", "probe_all"]
 
 DEFAULT_TIMEOUT_S = 120.0
-_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the runtime package
-_STDERR_TAIL = 2000
 
 
 @dataclass(frozen=True)
@@ -96,120 +91,58 @@ def _probe_share(
 ) -> list[Probed | ProbeFailed | None]:
     mine = [jobs[i] for i in share]
     results: list[Probed | ProbeFailed | None] = [None] * len(mine)
-    start = 0
-    while start < len(mine):
-        start = _run_child(mine, start, timeout, results)
+
+    def on_result(index: int, event: dict[str, Any]) -> None:
+        results[index] = ProbeFailed(event["error"]) if "error" in event else _probed(event)
+
+    died = run_isolated(
+        "runtime.serve.probe",
+        [job.json() for job in mine],
+        timeout=timeout,
+        on_result=on_result,
+        first_stage="starting",
+    )
+    for death in died:
+        results[death.index] = ProbeFailed(_death_reason(death, timeout))
     return results
 
 
-def _reader(stream: IO[bytes], lines: queue.Queue) -> None:
-    for line in stream:
-        lines.put(line)
-    lines.put(None)
+def _probed(event: dict[str, Any]) -> Probed:
+    from runtime.serve.memory import Curve, MemoryProfile
 
-
-def _tail(stream: IO[bytes], buffer: list[bytes]) -> None:
-    for line in stream:
-        buffer.append(line)
-        if len(buffer) > 50:
-            del buffer[:-50]
-
-
-def _run_child(
-    jobs: Sequence[Job], start: int, timeout: float, results: list[Probed | ProbeFailed | None]
-) -> int:
-    """Run one child over ``jobs[start:]``; returns the index to restart from (len: done)."""
-    read_fd, write_fd = os.pipe()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.serve.probe", str(write_fd)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        pass_fds=(write_fd,),
-        env=env,
+    profile = event["profile"]
+    return Probed(
+        tuple(event["providers"]),
+        MemoryProfile(
+            Curve.from_json(profile["work"]),
+            Curve.from_json(profile["output"]),
+            profile["resident"],
+            tuple(tuple(p) for p in profile["points"]),
+        ),
     )
-    os.close(write_fd)
-    events: queue.Queue = queue.Queue()
-    stderr: list[bytes] = []
-    with os.fdopen(read_fd, "rb") as pipe:
-        threads = [
-            threading.Thread(target=_reader, args=(pipe, events), daemon=True),
-            threading.Thread(target=_tail, args=(proc.stderr, stderr), daemon=True),
-        ]
-        for t in threads:
-            t.start()
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write("".join(job.json() + "\n" for job in jobs[start:]).encode())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        current, stage = start, "starting"
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = events.get(timeout=max(deadline - time.monotonic(), 0.0))
-            except queue.Empty:
-                proc.kill()
-                proc.wait()
-                results[current] = ProbeFailed(
-                    f"the model did not load within {timeout:g} s in the probe process "
-                    f"(hung while {stage}); it is not loaded in the server"
-                )
-                return current + 1
-            if line is None:
-                break
-            event = json.loads(line)
-            index = start + event["job"]
-            if "stage" in event:
-                if index != current:
-                    deadline = time.monotonic() + timeout
-                current, stage = index, event["stage"]
-            elif "error" in event:
-                results[index] = ProbeFailed(event["error"])
-            else:
-                from runtime.serve.memory import Curve, MemoryProfile
 
-                profile = event["profile"]
-                results[index] = Probed(
-                    tuple(event["providers"]),
-                    MemoryProfile(
-                        Curve.from_json(profile["work"]),
-                        Curve.from_json(profile["output"]),
-                        profile["resident"],
-                        tuple(tuple(p) for p in profile["points"]),
-                    ),
-                )
-        code = proc.wait()
-        for t in threads:
-            t.join(timeout=5)
-    if results[current] is None and code != 0:
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        detail = b"".join(stderr).decode("utf-8", "replace").strip().splitlines()
-        last = f": {detail[-1][:_STDERR_TAIL]}" if detail and code > 0 else ""
-        results[current] = ProbeFailed(
-            f"onnxruntime crashed the probe process ({how}) while {stage}{last}; "
-            "the model is not loaded in the server"
+
+def _death_reason(death: Died, timeout: float) -> str:
+    if death.timed_out:
+        return (
+            f"the model did not load within {timeout:g} s in the probe process "
+            f"(hung while {death.stage}); it is not loaded in the server"
         )
-        return current + 1
-    return len(jobs)
+    last = f": {death.detail}" if death.detail else ""
+    return (
+        f"onnxruntime crashed the probe process ({death.how}) while {death.stage}{last}; "
+        "the model is not loaded in the server"
+    )
 
 
 # -- child -----------------------------------------------------------------------------------
 
 
-def _child(out: IO[str]) -> None:
+def _child(jobs: list[dict[str, Any]], emit: Emit) -> None:
     from runtime.serve.calibrate import calibrate, rss
     from runtime.serve.session import Session
     from runtime.serve.spec import ModelSpec
 
-    def emit(**event: Any) -> None:
-        out.write(json.dumps(event) + "\n")
-        out.flush()
-
-    jobs = [json.loads(line) for line in sys.stdin if line.strip()]
     for i, job in enumerate(jobs):
         emit(job=i, stage="creating the session")
         session = None
@@ -233,11 +166,7 @@ def _child(out: IO[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The child: ``python -m runtime.serve.probe FD`` (jobs on stdin, events on fd ``FD``)."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    out = os.fdopen(int(args[0]), "w", encoding="utf-8")
-    os.dup2(2, 1)  # anything printed goes to stderr, never into the events
-    _child(out)
-    return 0
+    return child_main(argv, _child)
 
 
 if __name__ == "__main__":

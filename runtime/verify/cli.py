@@ -168,10 +168,15 @@ def run(
         line = verdict(result.facts, result.cells)  # "<subject>: PASS: ..."
         log(f"[{i}/{len(chosen)}] {line} ({time.perf_counter() - t0:.1f} s)")
     divs: list[Divergence] = []
+    not_measured: dict[str, str] = {}
     if with_divergence:
         seen: set[str] = set()
         for subject in chosen:
-            divs.append(divergence.study(subject, with_steps=subject.family not in seen))
+            try:
+                divs.append(divergence.study(subject, with_steps=subject.family not in seen))
+            except divergence.NotMeasured as why:
+                not_measured[subject.name] = str(why)
+                log(f"{subject.name}: divergence study not measured: {why}")
             seen.add(subject.family)
     out = Path(out)
     drawn = plots.draw(out, cells, divs, facts)
@@ -185,6 +190,7 @@ def run(
         "dtypes": list(dtypes),
         "modes": list(modes),
         "steps": steps,
+        "divergence_not_measured": not_measured,
         "subjects": [
             {"name": s.name, "kind": s.kind, "family": s.family, "description": s.description}
             for s in chosen

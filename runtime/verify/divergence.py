@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from export.outputs import named_leaves
-from runtime.verify.randomness import train_mode
+from runtime.verify.randomness import draws_random, train_mode
 from runtime.verify.subjects import Subject
 
 __all__ = [
@@ -54,6 +54,7 @@ MOMENTA = (0.1, None)
 STEP_BATCH = 16
 MATES = 8
 HELD_OUT = 256
+_PROBE_BATCH = (4, 0, False)  # (batch_size, seed, alt) for the randomness check
 _SAMPLES_PER_POINT = 256  # batches per point: enough draws to average the noise out
 _ZERO = 1e-12  # float64: below this relative change, the output did not change
 
@@ -242,9 +243,26 @@ def steps_curve(subject: Subject, momentum: float | None) -> StepsCurve:
     return curve
 
 
+class NotMeasured(Exception):
+    """The study cannot measure this subject; ``str(e)`` says why, for the report."""
+
+
 def study(subject: Subject, *, with_steps: bool) -> Divergence:
-    """The whole study for one subject (``with_steps``: the first subject of its family)."""
+    """The whole study for one subject (``with_steps``: the first subject of its family).
+
+    Raises:
+        NotMeasured: the train-mode forward still draws random numbers with its dropout layers
+            off (functional dropout inside attention, as transformers writes it): train vs eval
+            would measure the noise, not the statistics.
+    """
     built = subject.factory()
+    leaf = draws_random(lambda: copy.deepcopy(built), subject.inputs(*_PROBE_BATCH))
+    if leaf is not None:
+        raise NotMeasured(
+            f"its training-mode forward draws random numbers outside nn.Dropout (output "
+            f"{leaf!r} differs between two passes over one batch), so train vs eval would "
+            "measure that noise"
+        )
     module = population(subject, built)
     sizes = BATCH_SIZES if subject.kind == "layer" else NETWORK_BATCH_SIZES
     scale = float(

@@ -190,6 +190,11 @@ def _markdown(data: dict, cells: Sequence[Cell], divs: Sequence[Divergence]) -> 
                   for t in data["tolerances"]]  # fmt: skip
         lines += ["", *tables.matrix(cells, data["plots"])]
     lines += tables.divergence(divs, data["plots"])
+    skipped = meta.get("divergence_not_measured") or {}
+    if skipped:
+        lines += ["Not in the divergence study:", ""]
+        lines += [f"- {name}: {why}." for name, why in skipped.items()]
+        lines.append("")
     lines += ["## Subjects", "", "| name | kind | description |", "|---|---|---|"]
     lines += [f"| {s['name']} | {s['kind']} | `{s['description']}` |" for s in meta["subjects"]]
     return "\n".join(lines) + "\n"

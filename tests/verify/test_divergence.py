@@ -151,3 +151,25 @@ def test_structured_outputs_and_dropout_do_not_fake_batch_dependence():
     expected = module.eval()(x)["hidden"]  # the first field, computed by PyTorch itself
     assert found.output_scale > 0 and not found.depends_on_batch
     assert torch.isfinite(expected).all()
+
+
+class _FunctionalDropout(torch.nn.Module):
+    """Dropout written as ``F.dropout(..., self.training)``, as transformers' attention does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(self.norm(x), 0.5, self.training)
+
+
+def make_functional_dropout():
+    torch.manual_seed(9)
+    return _FunctionalDropout(), torch.randn(4, 5, 6)
+
+
+def test_a_train_mode_that_stays_random_is_not_measured_rather_than_measured_as_noise():
+    subject = subjects.from_factory(f"{__name__}:make_functional_dropout")
+    with pytest.raises(divergence.NotMeasured, match=r"random numbers outside nn\.Dropout"):
+        divergence.study(subject, with_steps=False)
