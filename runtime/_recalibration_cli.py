@@ -17,7 +17,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from export import save
-from runtime._recalibration_feeds import GraphInput, data_inputs
+from runtime._recalibration_feeds import GraphInput, check_names, data_inputs
 from runtime._recalibration_methods import METHODS, stateful_layers
 from runtime.recalibration import RecalibrationWarning, load_model, recalibrate
 
@@ -73,13 +73,7 @@ def load_batches(
                 arrays = {name: npz[name] for name in npz.files}
     except (ValueError, EOFError, OSError) as err:
         raise ValueError(f"data file {path.name!r} cannot be read: {err}") from None
-    unknown = sorted(set(arrays) - set(names))
-    missing = [n for n in names if n not in arrays]
-    if unknown or missing:
-        raise ValueError(
-            f"{path.name}: arrays must be named after the graph inputs {names}; "
-            f"unknown {unknown}, missing {missing}"
-        )
+    check_names(arrays, names, path.name)
     split = {
         spec.name: _split(arrays[spec.name], batch_size, spec, f"{path.name}[{spec.name!r}]")
         for spec in inputs

@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 __all__ = [
     "GraphInput",
     "batch_feeds",
+    "check_names",
     "data_inputs",
     "initial_state",
     "session",
@@ -140,6 +141,17 @@ def _convert(value, spec: GraphInput, where: str) -> np.ndarray:
     return cast
 
 
+def check_names(arrays: Mapping[str, object], names: Sequence[str], where: str) -> None:
+    """Arrays named exactly after the graph inputs ``names``, else a ValueError naming both."""
+    unknown = sorted(set(arrays) - set(names))
+    missing = [n for n in names if n not in arrays]
+    if unknown or missing:
+        raise ValueError(
+            f"{where}: arrays must be named after the graph inputs {list(names)}; "
+            f"unknown {unknown}, missing {missing}"
+        )
+
+
 def batch_feeds(batch, inputs: Sequence[GraphInput], where: str) -> dict[str, np.ndarray]:
     """Check one batch against the graph's data inputs and return the feeds.
 
@@ -152,13 +164,7 @@ def batch_feeds(batch, inputs: Sequence[GraphInput], where: str) -> dict[str, np
     """
     names = [spec.name for spec in inputs]
     if isinstance(batch, Mapping):
-        unknown = sorted(set(batch) - set(names))
-        missing = [n for n in names if n not in batch]
-        if unknown or missing:
-            raise ValueError(
-                f"{where}: arrays must be named after the graph inputs {names}; "
-                f"unknown {unknown}, missing {missing}"
-            )
+        check_names(batch, names, where)
         values = [batch[n] for n in names]
     elif isinstance(batch, list | tuple):
         if len(batch) != len(names):
