@@ -140,19 +140,24 @@ def _external(root: Path, name: str, location: str) -> None:
         onnx.save(model, os.fspath(folder / "model.onnx"))
 
 
+def export_zoo(root: Path, name: str, *, max_batch_size: int = 64) -> None:
+    """Export zoo network ``name`` (eval, opset 23) into ``root`` as the server will read it."""
+    spec = zoo.get(name)
+    model = export.to_onnx(
+        spec.build(),
+        spec.example_inputs(4),
+        mode="eval",
+        opset=23,
+        dynamic=spec.dynamic_dims,
+        input_names=spec.input_names,
+        output_names=spec.output_names,
+    )
+    write_model(root, name, model, max_batch_size=max_batch_size)  # 100 us queue delay
+
+
 def _zoo(root: Path) -> None:
     for name in ZOO:
-        spec = zoo.get(name)
-        model = export.to_onnx(
-            spec.build(),
-            spec.example_inputs(4),
-            mode="eval",
-            opset=23,
-            dynamic=spec.dynamic_dims,
-            input_names=spec.input_names,
-            output_names=spec.output_names,
-        )
-        write_model(root, name, model)  # max_batch_size 64, 100 us queue delay
+        export_zoo(root, name)
 
 
 def _broken(root: Path) -> None:

@@ -22,11 +22,9 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
-import export
 from export.repository import build_config, write_model
-from models import zoo
 from runtime.serve.probe import Job, Probed, ProbeFailed, probe_all
-from tests.serve.repo import affine
+from tests.serve.repo import affine, export_zoo
 
 FEATURES = 8
 
@@ -67,16 +65,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("loading")
     write_model(root, "crashes", _crashing_model(), max_batch_size=8)
     write_model(root, "fine", affine(1.5, ["batch", 4]), max_batch_size=8)
-    spec = zoo.get("rnn_ln")
-    model = export.to_onnx(
-        spec.build(),
-        spec.example_inputs(2),
-        mode="eval",
-        dynamic=spec.dynamic_dims,
-        input_names=spec.input_names,
-        output_names=spec.output_names,
-    )
-    write_model(root, "rnn_ln", model, max_batch_size=8)
+    export_zoo(root, "rnn_ln", max_batch_size=8)
     return root
 
 

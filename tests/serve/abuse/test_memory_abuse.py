@@ -27,9 +27,7 @@ import onnxruntime as ort
 import orjson
 import pytest
 
-import export
-from export.repository import write_model
-from models import zoo
+from tests.serve.repo import export_zoo
 
 MIB = 1 << 20
 BUDGET = 2048 * MIB
@@ -52,24 +50,11 @@ class Served:
         Path(f"/proc/{self.pid}/clear_refs").write_text("5")
 
 
-def _export(root: Path, name: str) -> None:
-    spec = zoo.get(name)
-    model = export.to_onnx(
-        spec.build(),
-        spec.example_inputs(2),
-        mode="eval",
-        dynamic=spec.dynamic_dims,
-        input_names=spec.input_names,
-        output_names=spec.output_names,
-    )
-    write_model(root, name, model, max_batch_size=8)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("memory_abuse")
     for name in ("rnn_ln", "seq_bn"):
-        _export(root, name)
+        export_zoo(root, name, max_batch_size=8)
     port_file = root.parent / "port"
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime", "serve", "--repository", os.fspath(root),
