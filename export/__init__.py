@@ -7,11 +7,11 @@ See :func:`export.api.to_onnx` for the options, :mod:`export.lowerings` for what
 becomes at each opset, and :mod:`export._lower` for the training graphs' state inputs/outputs.
 """
 
-from export import batch_mates
-from export._lower import state_names
-from export._opset import OpsetError
-from export._save import save
-from export.api import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, to_onnx, to_onnx_opsets
+from normport.export import batch_mates
+from normport.export._lower import state_names
+from normport.export._opset import OpsetError
+from normport.export._save import save
+from normport.export.api import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, to_onnx, to_onnx_opsets
 
 __all__ = [
     "DEFAULT_OPSET",

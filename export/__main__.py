@@ -58,9 +58,9 @@ import onnx
 import torch
 from torch import nn
 
-import export
-from export import batch_mates, factory
-from export._layers_table import (
+from normport import export
+from normport.export import batch_mates, factory
+from normport.export._layers_table import (
     LAYERS_KEY,
     NORM_OPS,
     UNRECOGNIZED_KEY,
@@ -68,10 +68,10 @@ from export._layers_table import (
     layer_table,
     norm_ops,
 )
-from export._preflight import mode_problem, out_problem
-from export.api import MODES
-from export.repository import MODEL_NAME, VERSION, write_model
-from models import zoo
+from normport.export._preflight import mode_problem, out_problem
+from normport.export.api import MODES
+from normport.export.repository import MODEL_NAME, VERSION, write_model
+from normport.models import zoo
 
 __all__ = [
     "DTYPES",

@@ -29,7 +29,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
-from models.bench.timing import Step
+from normport.models.bench.timing import Step
 
 __all__ = [
     "eager_step",

@@ -20,9 +20,9 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper
 
-from export._emit import FUNCTION_DOMAIN, Emitter, Inputs
-from export._placeholder import DOMAIN, TENSOR_NAMES, LayerSpec
-from export.lowerings import lowering_for
+from normport.export._emit import FUNCTION_DOMAIN, Emitter, Inputs
+from normport.export._placeholder import DOMAIN, TENSOR_NAMES, LayerSpec
+from normport.export.lowerings import lowering_for
 
 __all__ = ["STATE_NAMES", "lower", "state_names"]
 

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import defs, helper, numpy_helper, shape_inference, version_converter
 
-from export._opset_rewrites import REWRITES, CannotRewrite, Context
+from normport.export._opset_rewrites import REWRITES, CannotRewrite, Context
 
 __all__ = ["OpsetError", "convert", "default_opset"]
 

@@ -26,7 +26,7 @@ from onnx.defs import OpSchema
 from onnxscript.values import Opset
 from torch import Tensor, nn
 
-from models.table import kind_of
+from normport.models.table import kind_of
 
 __all__ = [
     "DOMAIN",

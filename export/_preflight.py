@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from export.repository import MODEL_NAME, VERSION
+from normport.export.repository import MODEL_NAME, VERSION
 
 __all__ = ["existing_mode", "mode_problem", "out_problem"]
 

@@ -20,9 +20,9 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from export._bounds import DIM_MAX, Bounds, dim_bounds
-from export._placeholder import TRANSLATION_TABLE, LayerSpec, placeholders
-from export.recognize import recognize
+from normport.export._bounds import DIM_MAX, Bounds, dim_bounds
+from normport.export._placeholder import TRANSLATION_TABLE, LayerSpec, placeholders
+from normport.export.recognize import recognize
 
 __all__ = ["BASE_OPSET", "Traced", "trace"]
 

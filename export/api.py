@@ -18,15 +18,15 @@ import onnx.inliner
 import torch
 from torch import Tensor, nn
 
-from export._bounds import BOUNDS_KEY
-from export._emit import FUNCTION_DOMAIN
-from export._finalize import finalize, name_nodes, weights_sha256
-from export._lower import lower
-from export._opset import convert
-from export._placeholder import LayerSpec
-from export._trace import Traced, trace
-from export.outputs import output_names as _output_names
-from models.table import NORMPORT_NORMS, TORCH_NORMS
+from normport.export._bounds import BOUNDS_KEY
+from normport.export._emit import FUNCTION_DOMAIN
+from normport.export._finalize import finalize, name_nodes, weights_sha256
+from normport.export._lower import lower
+from normport.export._opset import convert
+from normport.export._placeholder import LayerSpec
+from normport.export._trace import Traced, trace
+from normport.export.outputs import output_names as _output_names
+from normport.models.table import NORMPORT_NORMS, TORCH_NORMS
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "MODES", "to_onnx", "to_onnx_opsets"]
 

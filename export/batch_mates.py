@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from export.outputs import named_leaves
+from normport.export.outputs import named_leaves
 
 __all__ = ["DEFAULT_THRESHOLD", "BatchMates", "measure", "reason", "relative_change"]
 

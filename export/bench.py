@@ -41,12 +41,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-import export
-import models
-from export import _bench_graphs as graphs
-from models import zoo
-from models.bench.cases import randomize_
-from models.bench.timing import (
+from normport import export, models
+from normport.export import _bench_graphs as graphs
+from normport.models import zoo
+from normport.models.bench.cases import randomize_
+from normport.models.bench.timing import (
     Step,
     TimingPlan,
     pin_threads,

@@ -50,9 +50,9 @@ from typing import Any
 
 import onnx
 
-from export._bounds import Bounds, read_dim_bounds
-from export._pbtxt import Enum, Field, Message, parse, quote
-from export._save import atomic_write, save
+from normport.export._bounds import Bounds, read_dim_bounds
+from normport.export._pbtxt import Enum, Field, Message, parse, quote
+from normport.export._save import atomic_write, save
 
 __all__ = [
     "CONFIG_NAME",

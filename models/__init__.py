@@ -9,23 +9,23 @@ running statistics (:mod:`models._base`).
 >>> net = models.zoo.get("cnn_bn").build(seed=0)  # the example networks, :mod:`models.zoo`
 """
 
-from models import table
-from models.batchnorm import (
+from normport.models import table
+from normport.models.batchnorm import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
     SequenceBatchNorm,
     TorchSequenceBatchNorm,
 )
-from models.convert import convert
-from models.groupnorm import GroupNorm
-from models.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
-from models.layernorm import LayerNorm, RMSNorm
-from models.switchable import SwitchableNorm1d, SwitchableNorm2d
+from normport.models.convert import convert
+from normport.models.groupnorm import GroupNorm
+from normport.models.instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normport.models.layernorm import LayerNorm, RMSNorm
+from normport.models.switchable import SwitchableNorm1d, SwitchableNorm2d
 
 # isort: split
 # Last: the zoo builds on the layers above (``models.zoo.sequence`` does ``import models``).
-from models import zoo
+from normport.models import zoo
 
 __all__ = [
     "BatchNorm1d",

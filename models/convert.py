@@ -15,8 +15,8 @@ from typing import Literal
 
 from torch import nn
 
-from models.batchnorm import TorchSequenceBatchNorm
-from models.table import LAYERS, NORMPORT_NORMS, TORCH_NORMS
+from normport.models.batchnorm import TorchSequenceBatchNorm
+from normport.models.table import LAYERS, NORMPORT_NORMS, TORCH_NORMS
 
 __all__ = ["TORCH_NORMS", "TorchSequenceBatchNorm", "convert"]
 

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models._base import check_eps, check_positive_int
-from models._functional import standardize
-from models._shapes import channel_shape, prod
+from normport.models._base import check_eps, check_positive_int
+from normport.models._functional import standardize
+from normport.models._shapes import channel_shape, prod
 
 __all__ = ["GroupNorm"]
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from models._base import NormBase
-from models._functional import affine_from_stats, standardize
-from models._shapes import channel_shape, check_rank, prod
+from normport.models._base import NormBase
+from normport.models._functional import affine_from_stats, standardize
+from normport.models._shapes import channel_shape, check_rank, prod
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models._base import check_eps
-from models._functional import standardize
-from models._shapes import prod
+from normport.models._base import check_eps
+from normport.models._functional import standardize
+from normport.models._shapes import prod
 
 __all__ = ["LayerNorm", "RMSNorm"]
 

@@ -43,9 +43,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models._base import NormBase
-from models._functional import accumulate_dtype, affine_from_stats
-from models._shapes import channel_shape, check_rank
+from normport.models._base import NormBase
+from normport.models._functional import accumulate_dtype, affine_from_stats
+from normport.models._shapes import channel_shape, check_rank
 
 __all__ = ["SwitchableNorm1d", "SwitchableNorm2d"]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from models import batchnorm, groupnorm, instancenorm, layernorm, switchable
+from normport.models import batchnorm, groupnorm, instancenorm, layernorm, switchable
 
 __all__ = [
     "LAYERS",

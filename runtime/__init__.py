@@ -15,7 +15,7 @@ __all__ = ["recalibrate"]
 def __getattr__(name: str):
     # Lazy: importing `runtime` must not pull in the web stack or matplotlib.
     if name == "recalibrate":
-        from runtime.recalibration import recalibrate
+        from normport.runtime.recalibration import recalibrate
 
         return recalibrate
     raise AttributeError(f"module 'runtime' has no attribute {name!r}")

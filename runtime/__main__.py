@@ -11,9 +11,18 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS = {
-    "serve": ("runtime.serve.cli", "serve a model repository over the Open Inference Protocol"),
-    "verify": ("runtime.verify.cli", "parity matrix and train-vs-inference divergence report"),
-    "recalibrate": ("runtime.recalibration", "recalibrate running statistics on onnxruntime"),
+    "serve": (
+        "serve.cli",
+        "serve a model repository over the Open Inference Protocol",
+    ),
+    "verify": (
+        "verify.cli",
+        "parity matrix and train-vs-inference divergence report",
+    ),
+    "recalibrate": (
+        "recalibration",
+        "recalibrate running statistics on onnxruntime",
+    ),
 }
 
 USAGE = "usage: python -m runtime {serve,verify,recalibrate} [options]"
@@ -48,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         return _error(f"unknown command {command!r}, expected one of {', '.join(COMMANDS)}")
-    module = importlib.import_module(COMMANDS[command][0])
+    module = importlib.import_module(f"normport.runtime.{COMMANDS[command][0]}")
     return module.main(rest)
 
 

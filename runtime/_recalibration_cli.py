@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from export import save
-from runtime._recalibration_feeds import GraphInput, check_names, data_inputs
-from runtime._recalibration_methods import METHODS, stateful_layers
-from runtime.recalibration import RecalibrationWarning, load_model, recalibrate
+from normport.export import save
+from normport.runtime._recalibration_feeds import GraphInput, check_names, data_inputs
+from normport.runtime._recalibration_methods import METHODS, stateful_layers
+from normport.runtime.recalibration import RecalibrationWarning, load_model, recalibrate
 
 __all__ = ["load_batches", "main"]
 

@@ -53,9 +53,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from export._emit import FUNCTION_DOMAIN, Emitter
-from export.lowerings.batchnorm import batch_stats_function
-from export.lowerings.switchable import _function as switchable_function
+from normport.export._emit import FUNCTION_DOMAIN, Emitter
+from normport.export.lowerings.batchnorm import batch_stats_function
+from normport.export.lowerings.switchable import _function as switchable_function
 
 __all__ = [
     "METHODS",

@@ -27,11 +27,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from export._emit import FUNCTION_DOMAIN, Emitter, Inputs
-from export._finalize import finalize
-from export._placeholder import LayerSpec
-from export.lowerings import lowering_for
-from runtime._recalibration_feeds import state_pairs
+from normport.export._emit import FUNCTION_DOMAIN, Emitter, Inputs
+from normport.export._finalize import finalize
+from normport.export._placeholder import LayerSpec
+from normport.export.lowerings import lowering_for
+from normport.runtime._recalibration_feeds import state_pairs
 
 __all__ = ["REWRITES", "to_eval"]
 

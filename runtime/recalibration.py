@@ -38,14 +38,14 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from runtime._recalibration_feeds import (
+from normport.runtime._recalibration_feeds import (
     batch_feeds,
     data_inputs,
     initial_state,
     session,
     state_pairs,
 )
-from runtime._recalibration_methods import (
+from normport.runtime._recalibration_methods import (
     METHODS,
     StatefulLayer,
     ema_reset_warning,
@@ -53,7 +53,7 @@ from runtime._recalibration_methods import (
     precise_statistics,
     stateful_layers,
 )
-from runtime._recalibration_rewrite import to_eval
+from normport.runtime._recalibration_rewrite import to_eval
 
 __all__ = [
     "METHODS",
@@ -256,6 +256,6 @@ def recalibrate(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m runtime recalibrate``: see :mod:`runtime._recalibration_cli`."""
-    from runtime._recalibration_cli import main as cli_main
+    from normport.runtime._recalibration_cli import main as cli_main
 
     return cli_main(argv)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-import models
-from models.convert import TorchSequenceBatchNorm
+from normport import models
+from normport.models.convert import TorchSequenceBatchNorm
 
 Shape = tuple[int, ...]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import models
+from normport import models
 from tests.cases import randomize
 
 OPSETS = (13, 15, 17, 18, 21, 23, 28)

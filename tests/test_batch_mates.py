@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from export.batch_mates import DEFAULT_THRESHOLD, BatchMates, measure, reason
-from models import zoo
+from normport.export.batch_mates import DEFAULT_THRESHOLD, BatchMates, measure, reason
+from normport.models import zoo
 
 
 def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:

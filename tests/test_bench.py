@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import bench
+from normport.models import bench
 
 ROW_KEYS = {
     "layer",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import models
+from normport import models
 from tests.cases import TWIN_CASES, LayerCase, ids, make_input, randomize
 
 

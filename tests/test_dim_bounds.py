@@ -20,13 +20,13 @@ import torch
 from onnx import TensorProto, helper
 from torch import Tensor, nn
 
-import export
-from export._bounds import BOUNDS_KEY, read_dim_bounds
-from export.repository import build_config, format_config, parse_config, write_model
-from runtime.serve.codec import decode_request
-from runtime.serve.errors import BadRequest
-from runtime.serve.repository import UNAVAILABLE, Repository
-from runtime.serve.spec import ModelSpec
+from normport import export
+from normport.export._bounds import BOUNDS_KEY, read_dim_bounds
+from normport.export.repository import build_config, format_config, parse_config, write_model
+from normport.runtime.serve.codec import decode_request
+from normport.runtime.serve.errors import BadRequest
+from normport.runtime.serve.repository import UNAVAILABLE, Repository
+from normport.runtime.serve.spec import ModelSpec
 from tests.serve.repo import MAX_BATCH, identity
 
 # -- export: the bounds come from the model ----------------------------------------------------

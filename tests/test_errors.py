@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-import models
+from normport import models
 
 ALL_CLASSES = {
     "BatchNorm1d": lambda **kw: models.BatchNorm1d(3, **kw),

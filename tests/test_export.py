@@ -13,7 +13,7 @@ import torch
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-import export
+from normport import export
 from tests.cases import make_input
 from tests.export_cases import CASES, OPSETS, ExportCase
 from tests.onnx_helpers import close, default_opset, session, top_level_ops

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import export
+from normport import export
 from tests.cases import randomize
 from tests.onnx_helpers import close, session, top_level_ops
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-import export
-import models
+from normport import export, models
 from tests.cases import randomize
 from tests.onnx_helpers import close, session
 from tests.test_export import reference

@@ -11,7 +11,7 @@ import onnxruntime
 import pytest
 import torch
 
-from export import bench
+from normport.export import bench
 
 SIDE_KEYS = {"opset", "ops", "functions", "ort_ops", "max_abs_diff", "valid", "ms", "iqr_ms"}
 

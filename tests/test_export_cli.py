@@ -27,9 +27,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import factory
-from export.__main__ import LAYERS_KEY, UNRECOGNIZED_KEY, layer_table, main, valid_model_name
-from export.repository import read_config
+from normport.export import factory
+from normport.export.__main__ import (
+    LAYERS_KEY,
+    UNRECOGNIZED_KEY,
+    layer_table,
+    main,
+    valid_model_name,
+)
+from normport.export.repository import read_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

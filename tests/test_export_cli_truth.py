@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-import export
-from export.__main__ import main
-from export.repository import parse_config, read_config
-from models import zoo
+from normport import export
+from normport.export.__main__ import main
+from normport.export.repository import parse_config, read_config
+from normport.models import zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "truthnets"

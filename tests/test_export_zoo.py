@@ -10,9 +10,9 @@ import onnx
 import pytest
 import torch
 
-import export
-from models import zoo
-from models.zoo._calibrate import NORM_TYPES
+from normport import export
+from normport.models import zoo
+from normport.models.zoo._calibrate import NORM_TYPES
 from tests.export_cases import OPSETS
 from tests.onnx_helpers import close, default_opset, session, top_level_ops
 from tests.test_export import reference

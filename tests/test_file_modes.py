@@ -19,9 +19,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-import export
-from export._save import atomic_write
-from export.repository import write_model
+from normport import export
+from normport.export._save import atomic_write
+from normport.export.repository import write_model
 
 # umask -> (file mode, folder mode)
 MODES = {0o022: (0o644, 0o755), 0o027: (0o640, 0o750), 0o077: (0o600, 0o700)}

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-import models
+from normport import models
 
 # (id, normport factory, torch.nn factory, input shape); all in training mode.
 LAYERS = [

@@ -15,8 +15,8 @@ from onnx import TensorProto, checker, helper, numpy_helper, shape_inference
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 from torch import nn
 
-import export
-from export._opset import OpsetError, convert
+from normport import export
+from normport.export._opset import OpsetError, convert
 from tests.onnx_helpers import close, default_opset, session, top_level_ops
 
 DOWN = [13, 14, 15, 16, 17]

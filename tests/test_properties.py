@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import models
-from models.convert import TorchSequenceBatchNorm
+from normport import models
+from normport.models.convert import TorchSequenceBatchNorm
 from tests.cases import randomize
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)

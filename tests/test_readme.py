@@ -106,16 +106,16 @@ import importlib, sys
 for line, name in (item.split(":", 1) for item in sys.argv[1:]):
     top, *rest = name.split(".")
     try:
-        value = importlib.import_module(top)
+        value = importlib.import_module(f"normport.{top}")
         for part in rest:
             value = getattr(value, part)
     except Exception as e:
-        print(f"README.md:{line}: `{name}` after `import {top}`: {type(e).__name__}: {e}")
+        print(f"README.md:{line}: `{name}` after `from normport import {top}`: {type(e).__name__}: {e}")
 """
 
 
 def test_names_resolve_after_importing_the_top_package(tmp_path: Path) -> None:
-    """``import models`` then ``models.zoo.get``: in a fresh interpreter, since in this one
+    """``from normport import models`` then ``models.zoo.get``: in a fresh interpreter, since in this one
     other tests have imported every submodule already."""
     names = dotted_names(README.read_text())
     assert {"models.zoo.get", "models.convert", "export.save"} <= {n for _, n in names}

@@ -14,10 +14,16 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-import export
-from export.__main__ import main
-from export.repository import build_config, parse_config, read_config, triton_type, write_model
-from models import zoo
+from normport import export
+from normport.export.__main__ import main
+from normport.export.repository import (
+    build_config,
+    parse_config,
+    read_config,
+    triton_type,
+    write_model,
+)
+from normport.models import zoo
 
 NAMES = ["cnn_gn", "seq_bn", "transformer_ln"]
 ATOL = 1e-5

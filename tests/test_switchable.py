@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import models
+from normport import models
 from tests.cases import make_input, randomize
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
-from export.lowerings import REGISTRY
-from models import table
+from normport import models
+from normport.export.lowerings import REGISTRY
+from normport.models import table
 
 
 def _normport_layers() -> set[type]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import models
+from normport import models
 from tests.cases import TWIN_CASES, LayerCase, make_input, randomize
 from tests.test_switchable import paper_reference
 from tests.tolerances import GRAD, OUTPUT

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import models
-from models import zoo
-from models.zoo._calibrate import NORM_TYPES
-from models.zoo.sequence import GatedLinearRecurrence
+from normport import models
+from normport.models import zoo
+from normport.models.zoo._calibrate import NORM_TYPES
+from normport.models.zoo.sequence import GatedLinearRecurrence
 
 NAMES = zoo.names()
 CONVERTIBLE = [n for n in NAMES if n != "cnn_sn"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from export._emit import Emitter, Inputs
-from export._placeholder import LayerSpec
+from normport.export._emit import Emitter, Inputs
+from normport.export._placeholder import LayerSpec
 
 __all__ = [
     "REGISTRY",
@@ -90,7 +90,7 @@ def node_name(spec: LayerSpec, op: str) -> str:
 
 
 # Importing the modules registers their lowerings.
-from export.lowerings import (  # noqa: E402, F401
+from normport.export.lowerings import (  # noqa: E402, F401
     batchnorm,
     eps_outside,
     groupnorm,

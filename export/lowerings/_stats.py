@@ -12,7 +12,7 @@ with ``m = momentum``, or ``m = 1 / (num_batches_tracked + 1)`` for the cumulati
 
 from __future__ import annotations
 
-from export._emit import Body
+from normport.export._emit import Body
 
 __all__ = ["STAT_INPUTS", "STAT_OUTPUTS", "count_per_channel", "running_update"]
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from export._emit import Body, Emitter, Inputs
-from export._placeholder import LayerSpec
-from export.lowerings import affine_inputs, batch_normalization, node_name, register
-from export.lowerings._stats import (
+from normport.export._emit import Body, Emitter, Inputs
+from normport.export._placeholder import LayerSpec
+from normport.export.lowerings import affine_inputs, batch_normalization, node_name, register
+from normport.export.lowerings._stats import (
     STAT_INPUTS,
     STAT_OUTPUTS,
     count_per_channel,
@@ -23,7 +23,7 @@ from export.lowerings._stats import (
     momentum_mode,
     running_update,
 )
-from export.lowerings.eps_outside import lower_eps_outside
+from normport.export.lowerings.eps_outside import lower_eps_outside
 
 __all__ = ["batch_stats_function", "lower_batchnorm"]
 

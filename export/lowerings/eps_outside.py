@@ -18,9 +18,9 @@ raises in :func:`export.lowerings.lowering_for`.
 
 from __future__ import annotations
 
-from export._emit import Emitter, Inputs
-from export._placeholder import LayerSpec
-from export.lowerings import affine_inputs, node_name
+from normport.export._emit import Emitter, Inputs
+from normport.export._placeholder import LayerSpec
+from normport.export.lowerings import affine_inputs, node_name
 
 __all__ = ["FUNCTION", "lower_eps_outside"]
 

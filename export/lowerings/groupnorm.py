@@ -6,9 +6,9 @@ scale and bias are per *group*, is never emitted: onnx's checker rejects it in o
 
 from __future__ import annotations
 
-from export._emit import Emitter, Inputs
-from export._placeholder import LayerSpec
-from export.lowerings import affine_inputs, node_name, register
+from normport.export._emit import Emitter, Inputs
+from normport.export._placeholder import LayerSpec
+from normport.export.lowerings import affine_inputs, node_name, register
 
 STANDARD_OPSET = 21
 

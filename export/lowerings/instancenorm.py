@@ -9,10 +9,10 @@
 
 from __future__ import annotations
 
-from export._emit import Emitter, Inputs
-from export._placeholder import LayerSpec
-from export.lowerings import affine_inputs, batch_normalization, node_name, register
-from export.lowerings.batchnorm import lower_batch_stats
+from normport.export._emit import Emitter, Inputs
+from normport.export._placeholder import LayerSpec
+from normport.export.lowerings import affine_inputs, batch_normalization, node_name, register
+from normport.export.lowerings.batchnorm import lower_batch_stats
 
 
 @register(

@@ -11,10 +11,10 @@
 
 from __future__ import annotations
 
-from export._emit import Emitter, Inputs
-from export._placeholder import LayerSpec
-from export.lowerings import affine_inputs, node_name, register
-from export.lowerings.eps_outside import lower_eps_outside
+from normport.export._emit import Emitter, Inputs
+from normport.export._placeholder import LayerSpec
+from normport.export.lowerings import affine_inputs, node_name, register
+from normport.export.lowerings.eps_outside import lower_eps_outside
 
 LAYERNORM_OPSET = 17
 RMSNORM_OPSET = 23

@@ -8,10 +8,10 @@ their update.
 
 from __future__ import annotations
 
-from export._emit import Body, Emitter, Inputs
-from export._placeholder import LayerSpec
-from export.lowerings import affine_inputs, node_name, register
-from export.lowerings._stats import (
+from normport.export._emit import Body, Emitter, Inputs
+from normport.export._placeholder import LayerSpec
+from normport.export.lowerings import affine_inputs, node_name, register
+from normport.export.lowerings._stats import (
     STAT_INPUTS,
     STAT_OUTPUTS,
     count_per_channel,

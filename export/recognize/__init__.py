@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from export._placeholder import LayerSpec, norm_op
-from export.recognize._graph import Graph
-from export.recognize.functional import recognize_functional
-from export.recognize.handwritten import (
+from normport.export._placeholder import LayerSpec, norm_op
+from normport.export.recognize._graph import Graph
+from normport.export.recognize.functional import recognize_functional
+from normport.export.recognize.handwritten import (
     recognize_frozen,
     recognize_rmsnorm,
     recognize_running,

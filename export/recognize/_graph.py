@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from export._placeholder import TENSOR_NAMES, LayerSpec, norm_op
+from normport.export._placeholder import TENSOR_NAMES, LayerSpec, norm_op
 
 __all__ = ["Graph", "Slots", "is_op", "only_users"]
 

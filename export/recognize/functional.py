@@ -22,8 +22,8 @@ import torch
 from torch import fx
 from torch.fx.operator_schemas import normalize_function
 
-from export._placeholder import LayerSpec
-from export.recognize._graph import Graph, Slots, is_op
+from normport.export._placeholder import LayerSpec
+from normport.export.recognize._graph import Graph, Slots, is_op
 
 __all__ = ["recognize_functional"]
 

@@ -38,8 +38,8 @@ Modules:
 * :mod:`~models.bench.cli`: options, the CPU and GPU runs, ``main``.
 """
 
-from models.bench.cases import MAX_ABS_DIFF, ReferenceSwitchableNorm2d
-from models.bench.cli import main
-from models.bench.rows import RATIO_TARGET
+from normport.models.bench.cases import MAX_ABS_DIFF, ReferenceSwitchableNorm2d
+from normport.models.bench.cli import main
+from normport.models.bench.rows import RATIO_TARGET
 
 __all__ = ["MAX_ABS_DIFF", "RATIO_TARGET", "ReferenceSwitchableNorm2d", "main"]

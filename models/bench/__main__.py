@@ -1,6 +1,6 @@
 """``python -m models.bench``: see :mod:`models.bench`."""
 
-from models.bench.cli import main
+from normport.models.bench.cli import main
 
 if __name__ == "__main__":
     main()

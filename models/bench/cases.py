@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-import models
-from models.bench.timing import Step
-from models.convert import TorchSequenceBatchNorm
+from normport import models
+from normport.models.bench.timing import Step
+from normport.models.convert import TorchSequenceBatchNorm
 
 __all__ = [
     "MAX_ABS_DIFF",

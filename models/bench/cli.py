@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from models.bench.cases import MODES, Case, build_cases, select_cases
-from models.bench.report import format_table, metadata, write_json
-from models.bench.rows import RATIO_TARGET, bench_rows, rounded
-from models.bench.timing import (
+from normport.models.bench.cases import MODES, Case, build_cases, select_cases
+from normport.models.bench.report import format_table, metadata, write_json
+from normport.models.bench.rows import RATIO_TARGET, bench_rows, rounded
+from normport.models.bench.timing import (
     Step,
     TimingPlan,
     pin_threads,

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from models.bench.cases import MAX_ABS_DIFF
-from models.bench.rows import RATIO_TARGET
-from models.bench.timing import TimingPlan
+from normport.models.bench.cases import MAX_ABS_DIFF
+from normport.models.bench.rows import RATIO_TARGET
+from normport.models.bench.timing import TimingPlan
 
 __all__ = ["format_table", "metadata", "write_json"]
 

@@ -14,8 +14,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.bench.cases import SEED, Case, check_agreement, make_inputs, make_pair, make_step
-from models.bench.timing import Step, TimingPlan, summarize, time_interleaved
+from normport.models.bench.cases import (
+    SEED,
+    Case,
+    check_agreement,
+    make_inputs,
+    make_pair,
+    make_step,
+)
+from normport.models.bench.timing import Step, TimingPlan, summarize, time_interleaved
 
 __all__ = ["RATIO_TARGET", "bench_case", "bench_rows", "error_row", "rounded"]
 

@@ -22,8 +22,8 @@ A network is added in one place: a factory decorated with ``@register(...)``
 (:mod:`models.zoo._registry`) in :mod:`models.zoo.vision` or :mod:`models.zoo.sequence`.
 """
 
-from models.zoo import sequence, vision  # noqa: F401  (registers the networks)
-from models.zoo._registry import get, names
-from models.zoo._spec import ZooSpec
+from normport.models.zoo import sequence, vision  # noqa: F401  (registers the networks)
+from normport.models.zoo._registry import get, names
+from normport.models.zoo._spec import ZooSpec
 
 __all__ = ["ZooSpec", "get", "names"]

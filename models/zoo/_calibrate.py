@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from models.table import normport_types
+from normport.models.table import normport_types
 
 __all__ = ["NORM_TYPES", "calibrate", "randomize_norms", "warm_up"]
 

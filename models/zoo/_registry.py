@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from models.zoo._spec import InputFn, ZooSpec
+from normport.models.zoo._spec import InputFn, ZooSpec
 
 __all__ = ["get", "names", "register"]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from models.zoo._calibrate import calibrate
+from normport.models.zoo._calibrate import calibrate
 
 __all__ = ["InputFn", "ZooSpec"]
 

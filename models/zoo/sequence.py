@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import models
-from models.zoo._registry import register
+from normport import models
+from normport.models.zoo._registry import register
 
 __all__ = [
     "DecoderLM",

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import models
-from models.zoo._registry import register
+from normport import models
+from normport.models.zoo._registry import register
 
 __all__ = ["Classifier", "ConvNormAct", "ResidualBlock", "StyleNet", "image_inputs"]
 

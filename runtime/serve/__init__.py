@@ -32,7 +32,7 @@ __all__ = ["create_app"]
 
 def __getattr__(name: str):
     if name == "create_app":
-        from runtime.serve.app import create_app
+        from normport.runtime.serve.app import create_app
 
         return create_app
     raise AttributeError(f"module 'runtime.serve' has no attribute {name!r}")

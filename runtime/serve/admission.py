@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from runtime.serve.errors import PayloadTooLarge, ServerBusy
+from normport.runtime.serve.errors import PayloadTooLarge, ServerBusy
 
 __all__ = ["Budget", "Hold", "format_bytes", "parse_bytes"]
 

@@ -23,13 +23,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from runtime.serve import inference
-from runtime.serve.admission import Budget
-from runtime.serve.body import DEFAULT_MAX_BODY_BYTES, read_body
-from runtime.serve.errors import BadRequest, ServeError, ServerNotReady, http_status
-from runtime.serve.metrics import CONTENT_TYPE, Metrics
-from runtime.serve.probe import DEFAULT_TIMEOUT_S as DEFAULT_LOAD_TIMEOUT_S
-from runtime.serve.repository import ModelVersion, Repository, default_memory_budget
+from normport.runtime.serve import inference
+from normport.runtime.serve.admission import Budget
+from normport.runtime.serve.body import DEFAULT_MAX_BODY_BYTES, read_body
+from normport.runtime.serve.errors import BadRequest, ServeError, ServerNotReady, http_status
+from normport.runtime.serve.metrics import CONTENT_TYPE, Metrics
+from normport.runtime.serve.probe import DEFAULT_TIMEOUT_S as DEFAULT_LOAD_TIMEOUT_S
+from normport.runtime.serve.repository import ModelVersion, Repository, default_memory_budget
 
 __all__ = ["EXTENSIONS", "SERVER_NAME", "create_app"]
 

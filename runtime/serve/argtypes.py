@@ -7,7 +7,7 @@ import argparse
 import math
 from pathlib import Path
 
-from runtime.serve.admission import parse_bytes
+from normport.runtime.serve.admission import parse_bytes
 
 __all__ = ["folder", "non_negative", "port", "positive", "seconds", "size", "writable_file"]
 

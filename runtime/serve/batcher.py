@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from runtime.serve.errors import BadRequest, InferenceFailed, ModelUnavailable, ServeError
-from runtime.serve.session import SHRINK_ABOVE_BYTES, Session
-from runtime.serve.spec import Batching
+from normport.runtime.serve.errors import BadRequest, InferenceFailed, ModelUnavailable, ServeError
+from normport.runtime.serve.session import SHRINK_ABOVE_BYTES, Session
+from normport.runtime.serve.spec import Batching
 
 __all__ = ["Batcher", "Execution", "Result"]
 

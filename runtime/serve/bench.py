@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtime.serve.loadgen import build_body, decode_output, run_load
+from normport.runtime.serve.loadgen import build_body, decode_output, run_load
 
 __all__ = ["MODELS", "TARGETS", "main"]
 
@@ -72,9 +72,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _export(names: list[str], root: Path) -> None:
-    import export  # lazy: torch is only needed when the repository is missing
-    from export.repository import write_model
-    from models import zoo
+    from normport import export  # lazy: torch is only needed when the repository is missing
+    from normport.export.repository import write_model
+    from normport.models import zoo
 
     for name in names:
         spec = zoo.get(name)

@@ -16,7 +16,7 @@ import zlib
 
 from starlette.requests import Request
 
-from runtime.serve.errors import BadRequest, PayloadTooLarge
+from normport.runtime.serve.errors import BadRequest, PayloadTooLarge
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "expected_size", "header_length", "read_body"]
 

@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
-from runtime.serve.heap import trim
-from runtime.serve.memory import Curve, MemoryProfile, sample_elements
-from runtime.serve.session import Session
-from runtime.serve.spec import ModelSpec, TensorSpec
+from normport.runtime.serve.heap import trim
+from normport.runtime.serve.memory import Curve, MemoryProfile, sample_elements
+from normport.runtime.serve.session import Session
+from normport.runtime.serve.spec import ModelSpec, TensorSpec
 
 __all__ = ["MEMORY_LIMIT", "RUN_LIMIT_S", "TIME_LIMIT_S", "calibrate", "rss"]
 

@@ -21,14 +21,14 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from runtime.serve import argtypes
-from runtime.serve.admission import format_bytes
-from runtime.serve.app import create_app
-from runtime.serve.body import DEFAULT_MAX_BODY_BYTES
-from runtime.serve.limits import FD_RESERVE, HttpLimits, connection_cap, raise_fd_limit
-from runtime.serve.probe import DEFAULT_TIMEOUT_S as DEFAULT_LOAD_TIMEOUT_S
-from runtime.serve.repository import default_memory_budget
-from runtime.serve.server import Server, serve_until_signalled, uvicorn_config
+from normport.runtime.serve import argtypes
+from normport.runtime.serve.admission import format_bytes
+from normport.runtime.serve.app import create_app
+from normport.runtime.serve.body import DEFAULT_MAX_BODY_BYTES
+from normport.runtime.serve.limits import FD_RESERVE, HttpLimits, connection_cap, raise_fd_limit
+from normport.runtime.serve.probe import DEFAULT_TIMEOUT_S as DEFAULT_LOAD_TIMEOUT_S
+from normport.runtime.serve.repository import default_memory_budget
+from normport.runtime.serve.server import Server, serve_until_signalled, uvicorn_config
 
 __all__ = ["limits_from_args", "main", "uvicorn_config"]  # uvicorn_config: from .server
 

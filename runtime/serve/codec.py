@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from runtime.serve.datatypes import DataType
-from runtime.serve.errors import BadRequest
-from runtime.serve.spec import ModelSpec, TensorSpec
+from normport.runtime.serve.datatypes import DataType
+from normport.runtime.serve.errors import BadRequest
+from normport.runtime.serve.spec import ModelSpec, TensorSpec
 
 __all__ = ["InferRequest", "RequestedOutput", "decode_request", "encode_response"]
 

@@ -15,16 +15,16 @@ import time
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from runtime.serve.admission import Budget, Hold
-from runtime.serve.body import expected_size, header_length, read_body
-from runtime.serve.codec import InferRequest, decode_request, encode_response
-from runtime.serve.memory import (
+from normport.runtime.serve.admission import Budget, Hold
+from normport.runtime.serve.body import expected_size, header_length, read_body
+from normport.runtime.serve.codec import InferRequest, decode_request, encode_response
+from normport.runtime.serve.memory import (
     BINARY_INPUT_FACTOR,
     JSON_INPUT_FACTOR,
     MemoryProfile,
     sample_elements,
 )
-from runtime.serve.repository import ModelVersion
+from normport.runtime.serve.repository import ModelVersion
 
 __all__ = ["infer"]
 

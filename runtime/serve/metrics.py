@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from runtime.serve.batcher import Execution, Result
+from normport.runtime.serve.batcher import Execution, Result
 
 __all__ = ["CONTENT_TYPE", "Metrics", "ModelMetrics"]
 

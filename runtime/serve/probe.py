@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.isolation import Died, Emit, child_main, run_isolated
+from normport.runtime.isolation import Died, Emit, child_main, run_isolated
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Job", "ProbeFailed", "Probed", "probe_all"]
 
@@ -96,7 +96,7 @@ def _probe_share(
         results[index] = ProbeFailed(event["error"]) if "error" in event else _probed(event)
 
     died = run_isolated(
-        "runtime.serve.probe",
+        "normport.runtime.serve.probe",
         [job.json() for job in mine],
         timeout=timeout,
         on_result=on_result,
@@ -108,7 +108,7 @@ def _probe_share(
 
 
 def _probed(event: dict[str, Any]) -> Probed:
-    from runtime.serve.memory import Curve, MemoryProfile
+    from normport.runtime.serve.memory import Curve, MemoryProfile
 
     profile = event["profile"]
     return Probed(
@@ -139,9 +139,9 @@ def _death_reason(death: Died, timeout: float) -> str:
 
 
 def _child(jobs: list[dict[str, Any]], emit: Emit) -> None:
-    from runtime.serve.calibrate import calibrate, rss
-    from runtime.serve.session import Session
-    from runtime.serve.spec import ModelSpec
+    from normport.runtime.serve.calibrate import calibrate, rss
+    from normport.runtime.serve.session import Session
+    from normport.runtime.serve.spec import ModelSpec
 
     for i, job in enumerate(jobs):
         emit(job=i, stage="creating the session")

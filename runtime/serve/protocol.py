@@ -46,7 +46,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from runtime.serve.limits import HttpLimits
+from normport.runtime.serve.limits import HttpLimits
 
 __all__ = ["LimitedHttpToolsProtocol"]
 

@@ -41,17 +41,17 @@ from typing import Any
 import onnx
 from google.protobuf.message import DecodeError
 
-from export.repository import CONFIG_NAME, MODEL_NAME, PLATFORM, parse_config
-from runtime.serve.admission import Budget, parse_bytes
-from runtime.serve.batcher import Batcher, Execution
-from runtime.serve.errors import ModelNotFound, ModelUnavailable
-from runtime.serve.memory import MemoryProfile, machine_memory
-from runtime.serve.metrics import Metrics, ModelMetrics
-from runtime.serve.probe import DEFAULT_TIMEOUT_S, Job, Probed, ProbeFailed, probe_all
-from runtime.serve.session import Session
-from runtime.serve.spec import ModelSpec
-from runtime.serve.stats import ModelStats
-from runtime.serve.train_graph import TrainGraphError, check_not_train
+from normport.export.repository import CONFIG_NAME, MODEL_NAME, PLATFORM, parse_config
+from normport.runtime.serve.admission import Budget, parse_bytes
+from normport.runtime.serve.batcher import Batcher, Execution
+from normport.runtime.serve.errors import ModelNotFound, ModelUnavailable
+from normport.runtime.serve.memory import MemoryProfile, machine_memory
+from normport.runtime.serve.metrics import Metrics, ModelMetrics
+from normport.runtime.serve.probe import DEFAULT_TIMEOUT_S, Job, Probed, ProbeFailed, probe_all
+from normport.runtime.serve.session import Session
+from normport.runtime.serve.spec import ModelSpec
+from normport.runtime.serve.stats import ModelStats
+from normport.runtime.serve.train_graph import TrainGraphError, check_not_train
 
 __all__ = [
     "IGNORED",

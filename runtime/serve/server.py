@@ -17,8 +17,8 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.server import HANDLED_SIGNALS
 
-from runtime.serve.limits import HttpLimits, connection_cap
-from runtime.serve.protocol import LimitedHttpToolsProtocol
+from normport.runtime.serve.limits import HttpLimits, connection_cap
+from normport.runtime.serve.protocol import LimitedHttpToolsProtocol
 
 __all__ = ["EXIT_GRACE_S", "BackgroundServer", "Server", "serve_until_signalled", "uvicorn_config"]
 

@@ -28,9 +28,9 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto
 
-from runtime.serve import datatypes
-from runtime.serve.heap import trim
-from runtime.serve.spec import ModelSpec, TensorSpec
+from normport.runtime.serve import datatypes
+from normport.runtime.serve.heap import trim
+from normport.runtime.serve.spec import ModelSpec, TensorSpec
 
 __all__ = ["SHRINK_ABOVE_BYTES", "Session", "choose_providers"]
 

@@ -27,9 +27,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from export.repository import MAX_SHAPE, MIN_SHAPE
-from runtime.serve import datatypes
-from runtime.serve.datatypes import DataType
+from normport.export.repository import MAX_SHAPE, MIN_SHAPE
+from normport.runtime.serve import datatypes
+from normport.runtime.serve.datatypes import DataType
 
 __all__ = ["MAX_QUEUE_DELAY_US", "Batching", "ModelSpec", "TensorSpec", "shape_bounds"]
 

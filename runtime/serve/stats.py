@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.serve.batcher import Execution, Result
+from normport.runtime.serve.batcher import Execution, Result
 
 __all__ = ["ModelStats"]
 

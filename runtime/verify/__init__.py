@@ -28,7 +28,7 @@ __all__ = ["main", "run"]
 def __getattr__(name: str):
     # Lazy: `import runtime.verify` must not pull in torch, onnxruntime or matplotlib.
     if name in __all__:
-        from runtime.verify import cli
+        from normport.runtime.verify import cli
 
         return getattr(cli, name)
     raise AttributeError(f"module 'runtime.verify' has no attribute {name!r}")

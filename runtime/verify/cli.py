@@ -32,14 +32,14 @@ import onnx
 import onnxruntime
 import torch
 
-import export
-from runtime.verify import divergence, parity, report, subjects
-from runtime.verify.divergence import Divergence
-from runtime.verify.facts import STATUSES, SubjectFacts
-from runtime.verify.matrix import verify_subject
-from runtime.verify.parity import Cell
-from runtime.verify.subjects import Subject
-from runtime.verify.verdict import verdict
+from normport import export
+from normport.runtime.verify import divergence, parity, report, subjects
+from normport.runtime.verify.divergence import Divergence
+from normport.runtime.verify.facts import STATUSES, SubjectFacts
+from normport.runtime.verify.matrix import verify_subject
+from normport.runtime.verify.parity import Cell
+from normport.runtime.verify.subjects import Subject
+from normport.runtime.verify.verdict import verdict
 
 __all__ = ["DEFAULT_OPSETS", "main", "run"]
 
@@ -150,7 +150,7 @@ def run(
     """Verify ``chosen`` and write the report under ``out``; returns the results.json data
     (its ``subjects`` hold each subject's :class:`SubjectFacts` and verdict).  ``log`` gets the
     progress: ``[i/N] subject: <stage>`` lines, then each subject's verdict line."""
-    from runtime.verify import plots  # matplotlib only when drawing
+    from normport.runtime.verify import plots  # matplotlib only when drawing
 
     started = time.perf_counter()
     cells: list[Cell] = []

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
-from export.outputs import named_leaves
-from runtime.verify.randomness import draws_random, train_mode
-from runtime.verify.subjects import Subject
+from normport.export.outputs import named_leaves
+from normport.runtime.verify.randomness import draws_random, train_mode
+from normport.runtime.verify.subjects import Subject
 
 __all__ = [
     "BATCH_SIZES",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from export.batch_mates import BatchMates
+from normport.export.batch_mates import BatchMates
 
 __all__ = ["STATUSES", "SubjectFacts"]
 

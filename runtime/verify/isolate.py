@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.isolation import Emit, child_main, run_isolated
+from normport.runtime.isolation import Emit, child_main, run_isolated
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Probe", "probe"]
 
@@ -58,7 +58,7 @@ def probe(probes: Sequence[Probe], timeout: float = DEFAULT_TIMEOUT_S) -> list[s
             _save(feeds, p.feeds)
             jobs.append(json.dumps({"model": str(model), "feeds": str(feeds)}))
         died = run_isolated(
-            "runtime.verify.isolate",
+            "normport.runtime.verify.isolate",
             jobs,
             timeout=timeout,
             on_result=lambda index, event: None,  # survived: its cells run in verify's process

@@ -25,14 +25,14 @@ from dataclasses import dataclass
 import onnx
 from torch import nn
 
-import export
-from export import batch_mates
-from runtime.verify import isolate, parity
-from runtime.verify.facts import SubjectFacts
-from runtime.verify.parity import Cell, error_cells, first_lines
-from runtime.verify.randomness import draws_random, random_modules, train_mode
-from runtime.verify.subjects import Subject
-from runtime.verify.tolerances import tolerance
+from normport import export
+from normport.export import batch_mates
+from normport.runtime.verify import isolate, parity
+from normport.runtime.verify.facts import SubjectFacts
+from normport.runtime.verify.parity import Cell, error_cells, first_lines
+from normport.runtime.verify.randomness import draws_random, random_modules, train_mode
+from normport.runtime.verify.subjects import Subject
+from normport.runtime.verify.tolerances import tolerance
 
 __all__ = ["BATCH_MATES_BATCH", "SubjectResult", "verify_subject"]
 

@@ -42,13 +42,13 @@ import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 from torch import Tensor, nn
 
-from export.outputs import named_leaves
-from runtime._recalibration_feeds import session, state_pairs
-from runtime.recalibration import recalibrate
-from runtime.verify._reference import reference
-from runtime.verify.randomness import train_mode
-from runtime.verify.subjects import Subject
-from runtime.verify.tolerances import Tolerance
+from normport.export.outputs import named_leaves
+from normport.runtime._recalibration_feeds import session, state_pairs
+from normport.runtime.recalibration import recalibrate
+from normport.runtime.verify._reference import reference
+from normport.runtime.verify.randomness import train_mode
+from normport.runtime.verify.subjects import Subject
+from normport.runtime.verify.tolerances import Tolerance
 
 __all__ = [
     "DTYPES",
@@ -407,6 +407,6 @@ def run_subject(
     steps: int = 3,
 ) -> list[Cell]:
     """Every cell of one subject (:func:`runtime.verify.matrix.verify_subject`'s cells)."""
-    from runtime.verify.matrix import verify_subject
+    from normport.runtime.verify.matrix import verify_subject
 
     return verify_subject(subject, opsets, dtypes, modes, steps).cells

@@ -22,8 +22,8 @@ import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.patches import Patch, Rectangle
 
-from runtime.verify.parity import Cell
-from runtime.verify.verdict import fmt
+from normport.runtime.verify.parity import Cell
+from normport.runtime.verify.verdict import fmt
 
 __all__ = ["heatmap", "save"]
 

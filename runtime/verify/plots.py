@@ -28,11 +28,11 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
-from runtime.verify.divergence import Divergence, agreeing_batch
-from runtime.verify.facts import SubjectFacts
-from runtime.verify.parity import Cell
-from runtime.verify.plot_parity import heatmap, save
-from runtime.verify.tolerances import tolerance
+from normport.runtime.verify.divergence import Divergence, agreeing_batch
+from normport.runtime.verify.facts import SubjectFacts
+from normport.runtime.verify.parity import Cell
+from normport.runtime.verify.plot_parity import heatmap, save
+from normport.runtime.verify.tolerances import tolerance
 
 __all__ = ["draw"]
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from export.outputs import named_leaves
+from normport.export.outputs import named_leaves
 
 __all__ = ["RANDOM_CLASS_NAMES", "draws_random", "freeze_random", "random_modules", "train_mode"]
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from runtime.verify.divergence import Divergence, agreeing_batch, extrapolated_batch
-from runtime.verify.facts import SubjectFacts
-from runtime.verify.parity import Cell
-from runtime.verify.tolerances import tolerance
-from runtime.verify.verdict import fmt, worst
+from normport.runtime.verify.divergence import Divergence, agreeing_batch, extrapolated_batch
+from normport.runtime.verify.facts import SubjectFacts
+from normport.runtime.verify.parity import Cell
+from normport.runtime.verify.tolerances import tolerance
+from normport.runtime.verify.verdict import fmt, worst
 
 __all__ = ["batch_size_answer", "fmt", "reading", "subject_reading"]
 

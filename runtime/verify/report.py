@@ -30,13 +30,13 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from runtime.verify import tables
-from runtime.verify.divergence import Divergence
-from runtime.verify.facts import SubjectFacts
-from runtime.verify.parity import Cell
-from runtime.verify.reading import reading, subject_reading
-from runtime.verify.tolerances import TOLERANCES
-from runtime.verify.verdict import Verdict, verdict
+from normport.runtime.verify import tables
+from normport.runtime.verify.divergence import Divergence
+from normport.runtime.verify.facts import SubjectFacts
+from normport.runtime.verify.parity import Cell
+from normport.runtime.verify.reading import reading, subject_reading
+from normport.runtime.verify.tolerances import TOLERANCES
+from normport.runtime.verify.verdict import Verdict, verdict
 
 __all__ = ["summary", "to_json", "write"]
 

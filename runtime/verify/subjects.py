@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-import models
-from export import factory
-from models import zoo
+from normport import models
+from normport.export import factory
+from normport.models import zoo
 
 __all__ = ["LAYERS", "Subject", "from_factory", "get", "layer_names", "names", "zoo_subject"]
 

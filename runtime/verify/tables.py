@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from runtime.verify.divergence import Divergence, agreeing_batch
-from runtime.verify.parity import Cell
-from runtime.verify.tolerances import tolerance
-from runtime.verify.verdict import fmt
+from normport.runtime.verify.divergence import Divergence, agreeing_batch
+from normport.runtime.verify.parity import Cell
+from normport.runtime.verify.tolerances import tolerance
+from normport.runtime.verify.verdict import fmt
 
 __all__ = ["LABELS", "divergence", "image", "matrix", "parity_table", "short"]
 

@@ -22,8 +22,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from runtime.verify.facts import SubjectFacts
-from runtime.verify.parity import Cell
+from normport.runtime.verify.facts import SubjectFacts
+from normport.runtime.verify.parity import Cell
 
 __all__ = ["WORDS", "Verdict", "Worst", "fmt", "verdict", "worst"]
 

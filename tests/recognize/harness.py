@@ -18,7 +18,7 @@ import torch
 from onnx.reference import ReferenceEvaluator
 from torch import Tensor, nn
 
-import export
+from normport import export
 from tests.onnx_helpers import close, session, top_level_ops
 from tests.tolerances import OUTPUT
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import export
-from export._emit import Emitter, Inputs
-from export._placeholder import LayerSpec
-from export.lowerings import lowering_for
+from normport import export
+from normport.export._emit import Emitter, Inputs
+from normport.export._placeholder import LayerSpec
+from normport.export.lowerings import lowering_for
 from tests.onnx_helpers import session
 from tests.recognize.harness import check_matched, check_not_matched, layers, randomize
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from runtime.serve import create_app
-from runtime.serve.server import BackgroundServer
+from normport.runtime.serve import create_app
+from normport.runtime.serve.server import BackgroundServer
 from tests.serve.repo import build_repository, reference_run
 
 

@@ -18,9 +18,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-import export
-from export.repository import build_config, format_config, write_model
-from models import zoo
+from normport import export
+from normport.export.repository import build_config, format_config, write_model
+from normport.models import zoo
 
 __all__ = ["BROKEN", "DATATYPES", "ZOO", "build_repository", "reference_run"]
 

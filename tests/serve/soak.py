@@ -75,8 +75,8 @@ import aiohttp
 import numpy as np
 import onnxruntime as ort
 
-from runtime.serve.bench import _InProcess, _server, _stats
-from runtime.serve.loadgen import Body, build_body, decode_output
+from normport.runtime.serve.bench import _InProcess, _server, _stats
+from normport.runtime.serve.loadgen import Body, build_body, decode_output
 
 __all__ = ["BATCH_SIZES", "DIMS", "TOLERANCE_ULPS", "main"]
 
@@ -122,7 +122,7 @@ def _variants(dims: dict[str, int]) -> list[dict[str, int]]:
 
 def build_pool(name: str, model_path: Path, threads: int) -> list[Case]:
     """The requests of one zoo model, each answered by onnxruntime running it alone."""
-    from models import zoo  # lazy: torch, only to draw inputs the way the zoo does
+    from normport.models import zoo  # lazy: torch, only to draw inputs the way the zoo does
 
     spec = zoo.get(name)
     (input_name,), (output_name,) = spec.input_names, spec.output_names
@@ -371,7 +371,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _models(args: argparse.Namespace, repository: Path) -> list[str]:
-    from models import zoo
+    from normport.models import zoo
 
     known = zoo.names()
     wanted = [n for n in args.models.split(",") if n] if args.models else known

@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 
-from runtime.serve.batcher import Batcher, Execution
-from runtime.serve.errors import BadRequest, InferenceFailed, ModelUnavailable
-from runtime.serve.spec import Batching
+from normport.runtime.serve.batcher import Batcher, Execution
+from normport.runtime.serve.errors import BadRequest, InferenceFailed, ModelUnavailable
+from normport.runtime.serve.spec import Batching
 
 
 class FakeSession:

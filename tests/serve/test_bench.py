@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from runtime.serve import bench
+from normport.runtime.serve import bench
 
 
 def test_bench_quick(repo_root: Path, tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.__main__ import main as runtime_main
-from runtime.serve import cli
+from normport.runtime.__main__ import main as runtime_main
+from normport.runtime.serve import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 

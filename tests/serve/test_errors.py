@@ -16,7 +16,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from runtime.serve import create_app
+from normport.runtime.serve import create_app
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ import numpy as np
 import orjson
 import pytest
 
-from runtime.serve import create_app
-from runtime.serve.cli import main
-from runtime.serve.limits import FD_RESERVE, HttpLimits, connection_cap, fd_soft_limit
-from runtime.serve.server import BackgroundServer, uvicorn_config
+from normport.runtime.serve import create_app
+from normport.runtime.serve.cli import main
+from normport.runtime.serve.limits import FD_RESERVE, HttpLimits, connection_cap, fd_soft_limit
+from normport.runtime.serve.server import BackgroundServer, uvicorn_config
 
 
 @pytest.fixture

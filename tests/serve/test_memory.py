@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from runtime.serve.admission import Budget, Hold, parse_bytes
-from runtime.serve.errors import PayloadTooLarge, ServerBusy
-from runtime.serve.memory import FLOOR, Curve, MemoryProfile, sample_elements
+from normport.runtime.serve.admission import Budget, Hold, parse_bytes
+from normport.runtime.serve.errors import PayloadTooLarge, ServerBusy
+from normport.runtime.serve.memory import FLOOR, Curve, MemoryProfile, sample_elements
 
 MIB = 1 << 20
 

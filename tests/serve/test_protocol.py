@@ -11,8 +11,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from export.repository import read_config
-from runtime.serve.app import EXTENSIONS
+from normport.export.repository import read_config
+from normport.runtime.serve.app import EXTENSIONS
 from tests.serve.repo import BROKEN, DATATYPES, ZOO
 
 READY_MODELS = [*ZOO, *(f"t_{d.lower()}" for d in DATATYPES), "pair", "scalar", "nobatch",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.serve.repository import READY, UNAVAILABLE, Repository
-from runtime.serve.session import choose_providers
+from normport.runtime.serve.repository import READY, UNAVAILABLE, Repository
+from normport.runtime.serve.session import choose_providers
 
 
 def _symlink_outside(folder: Path, outside: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.serve.loadgen import Body
+from normport.runtime.serve.loadgen import Body
 from tests.serve import soak
 
 MODELS = ("seq_bn", "transformer_ln")

@@ -19,12 +19,12 @@ import pytest
 import torch
 from torch import nn
 
-import export
-from export.batch_mates import measure, reason
-from export.repository import write_model
-from models import zoo
-from runtime.serve import create_app
-from runtime.serve.server import BackgroundServer
+from normport import export
+from normport.export.batch_mates import measure, reason
+from normport.export.repository import write_model
+from normport.models import zoo
+from normport.runtime.serve import create_app
+from normport.runtime.serve.server import BackgroundServer
 
 
 def _dependent() -> tuple[nn.Module, torch.Tensor]:

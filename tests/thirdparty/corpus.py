@@ -321,7 +321,7 @@ def _handwritten(net: nn.Module) -> tuple[str, ...]:
 
 def _export(net: nn.Module, inputs, mode: str, opsets: tuple[int, ...]):
     """``{opset: model or exception}``: one trace; per opset again only if an opset failed."""
-    import export
+    from normport import export
 
     try:
         return export.to_onnx_opsets(net, inputs, mode=mode, opsets=opsets)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-import export
+from normport import export
 from tests.thirdparty.models import ARCHS
 
 MODELS = ("tv_resnet18", "hf_bert")

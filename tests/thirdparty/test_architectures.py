@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-import export
+from normport import export
 from tests.onnx_helpers import default_opset, top_level_ops
 from tests.thirdparty.harness import (
     TOLERANCES,

@@ -15,11 +15,10 @@ import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
 from torch import nn
 
-import export
-import models
-import runtime.__main__
-from export.lowerings import batchnorm as batchnorm_lowering
-from runtime.verify import cli, matrix, parity, subjects
+from normport import export, models
+from normport.export.lowerings import batchnorm as batchnorm_lowering
+from normport.runtime import __main__ as runtime_main
+from normport.runtime.verify import cli, matrix, parity, subjects
 
 FAST = ["--model", "BatchNorm2d-momentum", "--model", "LayerNorm", "--opset", "17", "23"]
 
@@ -28,7 +27,7 @@ FAST = ["--model", "BatchNorm2d-momentum", "--model", "LayerNorm", "--opset", "1
 def fast_run(tmp_path_factory) -> tuple[int, Path]:
     """The CI subset through the real dispatcher: two layers, two opsets, both dtypes."""
     out = tmp_path_factory.mktemp("verify")
-    code = runtime.__main__.main(["verify", *FAST, "--out", str(out)])
+    code = runtime_main.main(["verify", *FAST, "--out", str(out)])
     return code, out
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.verify import divergence, parity, subjects
-from runtime.verify.divergence import BatchPoint, Divergence
-from runtime.verify.reading import reading
-from runtime.verify.tolerances import Tolerance
+from normport.runtime.verify import divergence, parity, subjects
+from normport.runtime.verify.divergence import BatchPoint, Divergence
+from normport.runtime.verify.reading import reading
+from normport.runtime.verify.tolerances import Tolerance
 
 BATCH_DEPENDENT = ("BatchNorm2d-momentum", "SequenceBatchNorm", "SwitchableNorm2d-momentum")
 PER_SAMPLE = (

@@ -20,9 +20,9 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail as OrtFail
 from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException as OrtRuntimeException
 from torch import nn
 
-import export
-from runtime.verify import cli, isolate, parity, subjects
-from runtime.verify.matrix import verify_subject
+from normport import export
+from normport.runtime.verify import cli, isolate, parity, subjects
+from normport.runtime.verify.matrix import verify_subject
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = "tests.verify.test_parity_truth"

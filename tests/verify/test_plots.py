@@ -8,9 +8,9 @@ import math
 import matplotlib.pyplot as plt
 import pytest
 
-from runtime.verify import plot_parity, plots
-from runtime.verify.divergence import BatchPoint, Divergence, StepsCurve
-from runtime.verify.parity import Cell, Check
+from normport.runtime.verify import plot_parity, plots
+from normport.runtime.verify.divergence import BatchPoint, Divergence, StepsCurve
+from normport.runtime.verify.parity import Cell, Check
 
 
 def _cell(opset, mode, status, ratio=None, runtime="onnxruntime", subject="net"):

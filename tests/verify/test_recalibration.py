@@ -12,12 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-import export
-import models
-import runtime
-from models import zoo
-from runtime import recalibration
-from runtime._recalibration_feeds import session, state_pairs
+from normport import export, models, runtime
+from normport.models import zoo
+from normport.runtime import recalibration
+from normport.runtime._recalibration_feeds import session, state_pairs
 from tests.onnx_helpers import top_level_ops
 
 STATEFUL = ("cnn_bn", "seq_bn", "style_in", "cnn_sn")

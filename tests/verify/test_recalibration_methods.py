@@ -20,11 +20,9 @@ import pytest
 import torch
 from torch import nn
 
-import export
-import models
-import runtime
-from runtime._recalibration_feeds import session
-from runtime.recalibration import RecalibrationWarning, recalibrated_statistics
+from normport import export, models, runtime
+from normport.runtime._recalibration_feeds import session
+from normport.runtime.recalibration import RecalibrationWarning, recalibrated_statistics
 
 SIZES = (5, 2, 7, 3)  # batch sizes, deliberately unequal
 

@@ -10,10 +10,8 @@ import onnx
 import pytest
 import torch
 
-import export
-import models
-import runtime
-from runtime import recalibration
+from normport import export, models, runtime
+from normport.runtime import recalibration
 
 
 @functools.cache

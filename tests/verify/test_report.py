@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from runtime.verify import report
-from runtime.verify.divergence import BatchPoint, Divergence
-from runtime.verify.facts import SubjectFacts
-from runtime.verify.parity import Cell, Check
+from normport.runtime.verify import report
+from normport.runtime.verify.divergence import BatchPoint, Divergence
+from normport.runtime.verify.facts import SubjectFacts
+from normport.runtime.verify.parity import Cell, Check
 
 META = {
     "command": "python -m runtime verify",

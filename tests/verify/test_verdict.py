@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from export.batch_mates import BatchMates
-from runtime.verify.facts import SubjectFacts
-from runtime.verify.parity import Cell, Check
-from runtime.verify.verdict import verdict
+from normport.export.batch_mates import BatchMates
+from normport.runtime.verify.facts import SubjectFacts
+from normport.runtime.verify.parity import Cell, Check
+from normport.runtime.verify.verdict import verdict
 
 
 def _cell(status="pass", *, ratio=0.1, mode="eval", opset=21, reason="", subject="net", q="y"):

@@ -23,9 +23,9 @@ They run in that order (``export.recognize.RULES``), after
 
 from __future__ import annotations
 
-from export.recognize.handwritten.frozen import recognize_frozen
-from export.recognize.handwritten.rmsnorm import recognize_rmsnorm
-from export.recognize.handwritten.running import recognize_running
-from export.recognize.handwritten.standardize import recognize_standardize
+from normport.export.recognize.handwritten.frozen import recognize_frozen
+from normport.export.recognize.handwritten.rmsnorm import recognize_rmsnorm
+from normport.export.recognize.handwritten.running import recognize_running
+from normport.export.recognize.handwritten.standardize import recognize_standardize
 
 __all__ = ["recognize_frozen", "recognize_rmsnorm", "recognize_running", "recognize_standardize"]

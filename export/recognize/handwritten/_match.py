@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from export._placeholder import TENSOR_NAMES, LayerSpec
-from export.recognize._graph import Graph, Slots, is_op
-from export.recognize.handwritten._spellings import (
+from normport.export._placeholder import TENSOR_NAMES, LayerSpec
+from normport.export.recognize._graph import Graph, Slots, is_op
+from normport.export.recognize.handwritten._spellings import (
     ASSERT,
     CASTS,
     SHAPES,

@@ -20,7 +20,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from export.recognize._graph import Graph, is_op
+from normport.export.recognize._graph import Graph, is_op
 
 __all__ = [
     "ASSERT",

@@ -29,15 +29,15 @@ from __future__ import annotations
 
 from torch import fx
 
-from export.recognize._graph import Graph, Slots, is_op
-from export.recognize.handwritten._match import (
+from normport.export.recognize._graph import Graph, Slots, is_op
+from normport.export.recognize.handwritten._match import (
     Match,
     apply_rule,
     broadcast_shape,
     constant_only,
     running_spec,
 )
-from export.recognize.handwritten._spellings import (
+from normport.export.recognize.handwritten._spellings import (
     aten,
     casts_ok,
     centered,
@@ -46,7 +46,7 @@ from export.recognize.handwritten._spellings import (
     strip_casts,
     strip_shapes,
 )
-from export.recognize.handwritten.running import buffer_of, channel_layout, eps_root
+from normport.export.recognize.handwritten.running import buffer_of, channel_layout, eps_root
 
 __all__ = ["recognize_frozen"]
 

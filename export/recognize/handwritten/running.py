@@ -28,15 +28,15 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from export.recognize._graph import Graph, Slots, is_op
-from export.recognize.handwritten._match import (
+from normport.export.recognize._graph import Graph, Slots, is_op
+from normport.export.recognize.handwritten._match import (
     Match,
     affine_tail,
     apply_rule,
     broadcast_shape,
     running_spec,
 )
-from export.recognize.handwritten._spellings import (
+from normport.export.recognize.handwritten._spellings import (
     aten,
     casts_ok,
     centered,

@@ -35,15 +35,15 @@ from __future__ import annotations
 
 from torch import fx
 
-from export._placeholder import LayerSpec
-from export.recognize._graph import Graph, Slots
-from export.recognize.handwritten._match import (
+from normport.export._placeholder import LayerSpec
+from normport.export.recognize._graph import Graph, Slots
+from normport.export.recognize.handwritten._match import (
     Match,
     affine_tail,
     apply_rule,
     layout,
 )
-from export.recognize.handwritten._spellings import (
+from normport.export.recognize.handwritten._spellings import (
     Stat,
     casts_ok,
     centered,

@@ -29,7 +29,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper
 
-from export.repository import write_model
+from normport.export.repository import write_model
 from tests.serve.repo import MAX_BATCH, OPSET, identity
 
 __all__ = ["CliServer", "Observed", "Probe", "build_repository", "exchange", "infer_body"]

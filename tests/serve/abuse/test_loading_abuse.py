@@ -22,8 +22,8 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
-from export.repository import build_config, write_model
-from runtime.serve.probe import Job, Probed, ProbeFailed, probe_all
+from normport.export.repository import build_config, write_model
+from normport.runtime.serve.probe import Job, Probed, ProbeFailed, probe_all
 from tests.serve.repo import affine, export_zoo
 
 FEATURES = 8
@@ -55,7 +55,7 @@ def _crashing_model() -> onnx.ModelProto:
 
 
 def _job(root: Path, name: str) -> Job:
-    from export.repository import read_config
+    from normport.export.repository import read_config
 
     return Job(os.fspath(root / name / "1" / "model.onnx"), read_config(root / name), "1", 1)
 

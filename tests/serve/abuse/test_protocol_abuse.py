@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from runtime.serve.server import EXIT_GRACE_S
+from normport.runtime.serve.server import EXIT_GRACE_S
 from tests.serve.abuse.harness import (
     CliServer,
     Observed,

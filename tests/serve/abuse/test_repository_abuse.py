@@ -32,10 +32,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.repository import parse_config
-from runtime.serve import create_app
-from runtime.serve.repository import IGNORED, READY, UNAVAILABLE, Repository
-from runtime.serve.server import BackgroundServer
+from normport.export.repository import parse_config
+from normport.runtime.serve import create_app
+from normport.runtime.serve.repository import IGNORED, READY, UNAVAILABLE, Repository
+from normport.runtime.serve.server import BackgroundServer
 from tests.serve.repo import OPSET
 
 SECRET = "SECRET_hunter2"
@@ -378,7 +378,7 @@ def test_ignored_folders_are_logged_once_and_not_ready(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _non_version_folders(tmp_path / "m", tmp_path)
-    with caplog.at_level(logging.WARNING, logger="runtime.serve.repository"):
+    with caplog.at_level(logging.WARNING, logger="normport.runtime.serve.repository"):
         repo = Repository(tmp_path)
     messages = [r.getMessage() for r in caplog.records]
     assert sum("'01'" in m for m in messages) == 1, messages

@@ -21,8 +21,8 @@ import orjson
 import pytest
 import tritonclient.http as triton
 
-from export.repository import read_config
-from models import zoo
+from normport.export.repository import read_config
+from normport.models import zoo
 
 BIG = 2**62  # with a zero dim: 0 elements
 TOKENS_65 = [[1] * 65]
