@@ -1,17 +1,34 @@
 """normport export: every normalization layer as one standard ONNX op or one ONNX function.
 
+>>> from normport import export
 >>> model = export.to_onnx(net, example_inputs, mode="eval", opset=23)
 >>> export.save(model, "model_repository/net/1/model.onnx")
 
 See :func:`export.api.to_onnx` for the options, :mod:`export.lowerings` for what each layer
 becomes at each opset, and :mod:`export._lower` for the training graphs' state inputs/outputs.
+
+Importing this package imports nothing else: each name below is loaded on first use, so the
+torch-free parts (:mod:`export.triton_config`, the Triton repository contract the server reads)
+import without torch, and no ONNX schema is registered until a model is exported.
 """
 
-from normport.export import batch_mates
-from normport.export._lower import state_names
-from normport.export._opset import OpsetError
-from normport.export._save import save
-from normport.export.api import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, to_onnx, to_onnx_opsets
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the module that defines it ("" : the name is a submodule).
+_LAZY = {
+    "DEFAULT_OPSET": "api",
+    "MAX_OPSET": "api",
+    "MIN_OPSET": "api",
+    "OpsetError": "_opset",
+    "batch_mates": "",
+    "save": "_save",
+    "state_names": "_lower",
+    "to_onnx": "api",
+    "to_onnx_opsets": "api",
+}
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -24,3 +41,29 @@ __all__ = [
     "to_onnx",
     "to_onnx_opsets",
 ]
+
+if TYPE_CHECKING:
+    from normport.export import batch_mates
+    from normport.export._lower import state_names
+    from normport.export._opset import OpsetError
+    from normport.export._save import save
+    from normport.export.api import (
+        DEFAULT_OPSET,
+        MAX_OPSET,
+        MIN_OPSET,
+        to_onnx,
+        to_onnx_opsets,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"normport.export.{_LAZY[name] or name}")
+    value = module if not _LAZY[name] else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

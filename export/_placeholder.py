@@ -15,6 +15,7 @@ num_batches_tracked, mean_weight, var_weight`` (absent ones are None / empty).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import types
 from collections.abc import Iterator
@@ -239,19 +240,23 @@ def _register_schemas() -> None:
             )
 
 
-_register_schemas()
-_opset = Opset(DOMAIN, 1)
+@functools.cache
+def translation_table() -> dict:
+    """torch.onnx's ``custom_translation_table`` for the two placeholder ops.
 
+    The first call registers the placeholder schemas with ``onnx.defs`` (process-wide, once):
+    importing this module registers nothing.
+    """
+    _register_schemas()
+    opset = Opset(DOMAIN, 1)
 
-def _translate_eval(x, w, b, rm, rv, nbt, mw, vw, spec: str):
-    return _opset.NormEval(x, w, b, rm, rv, nbt, mw, vw, spec=spec)
+    def translate_eval(x, w, b, rm, rv, nbt, mw, vw, spec: str):
+        return opset.NormEval(x, w, b, rm, rv, nbt, mw, vw, spec=spec)
 
+    def translate_train(x, w, b, rm, rv, nbt, mw, vw, spec: str):
+        return opset.NormTrain(x, w, b, rm, rv, nbt, mw, vw, spec=spec)
 
-def _translate_train(x, w, b, rm, rv, nbt, mw, vw, spec: str):
-    return _opset.NormTrain(x, w, b, rm, rv, nbt, mw, vw, spec=spec)
-
-
-TRANSLATION_TABLE = {
-    torch.ops.normport.norm_eval.default: _translate_eval,
-    torch.ops.normport.norm_train.default: _translate_train,
-}
+    return {
+        torch.ops.normport.norm_eval.default: translate_eval,
+        torch.ops.normport.norm_train.default: translate_train,
+    }

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from normport.export._bounds import DIM_MAX, Bounds, dim_bounds
-from normport.export._placeholder import TRANSLATION_TABLE, LayerSpec, placeholders
+from normport.export._placeholder import LayerSpec, placeholders, translation_table
 from normport.export.recognize import recognize
 
 __all__ = ["BASE_OPSET", "Traced", "trace"]
@@ -121,7 +121,7 @@ def trace(
             opset_version=BASE_OPSET,
             input_names=list(input_names),
             output_names=list(output_names),
-            custom_translation_table=TRANSLATION_TABLE,
+            custom_translation_table=translation_table(),
             optimize=True,
             verbose=False,
         )

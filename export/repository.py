@@ -1,8 +1,11 @@
 """Triton Inference Server model repository: ``<root>/<name>/{config.pbtxt, 1/model.onnx}``.
 
 >>> write_model("model_repository", "cnn_bn", export.to_onnx(net, x, mode="eval"))
->>> read_config("model_repository/cnn_bn")["inputs"]
-[{'name': 'image', 'data_type': 'TYPE_FP32', 'dims': [3, -1, -1], 'reshape': None}]
+>>> triton_config.read("model_repository/cnn_bn").input[0].dims
+[3, -1, -1]
+
+The config is Triton's own ``ModelConfig`` message, written with protobuf's text format
+(:mod:`export.triton_config` owns the schema, the layout names and normport's parameter keys).
 
 With ``max_batch_size > 0`` (the default) axis 0 of every graph input and output must be one
 symbolic batch dimension; ``dims`` leave it out and a ``dynamic_batching`` block is written,
@@ -13,8 +16,6 @@ batches).
 requests and whose running statistics have no batch axis) lists full shapes instead.  Symbolic
 dimensions are written as ``-1``; a tensor whose listed shape would be empty is written as
 ``dims: [ 1 ] reshape: { shape: [ ] }`` (Triton requires non-empty ``dims``).
-
-:func:`read_config` parses exactly this subset back into the dict :func:`build_config` returns.
 
 Shape bounds.  A graph may take only some sizes of a dynamic dim: a position table of 64 rows
 takes at most 64 tokens (:mod:`export._bounds` records such bounds in the model's
@@ -35,8 +36,8 @@ axis when ``max_batch_size > 0``, which bounds the batch), ``-1`` where the axis
 bound; bounds are inclusive, and a fixed dim's entry is ``-1`` or that dim.  Only inputs with
 a bound get a key.  A hand-written config may set them too (the server checks them when it
 loads the model: see :mod:`runtime.serve.spec`).  Other ``normport.*`` keys are refused
-(:data:`NORMPORT_KEYS` lists the model-wide ones); every other key (Triton's own, e.g.
-``execution_mode``) is kept and ignored.  ``config["parameters"]`` is ``{key: string_value}``.
+(:func:`export.triton_config.check_parameters`); every other key (Triton's own, e.g.
+``execution_mode``) is kept and ignored.
 """
 
 from __future__ import annotations
@@ -46,41 +47,31 @@ import os
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import onnx
 
+from normport.export import triton_config
 from normport.export._bounds import Bounds, read_dim_bounds
-from normport.export._pbtxt import Enum, Field, Message, parse, quote
 from normport.export._save import atomic_write, save
+from normport.export.triton_config import (
+    CONFIG_NAME,
+    MAX_SHAPE,
+    MIN_SHAPE,
+    MODEL_NAME,
+    PLATFORM,
+    VERSION,
+    ModelConfig,
+)
 
 __all__ = [
-    "CONFIG_NAME",
     "DEFAULT_PREFERRED_BATCH_SIZES",
-    "MAX_SHAPE",
-    "MIN_SHAPE",
-    "MODEL_NAME",
-    "NORMPORT_KEYS",
-    "PLATFORM",
     "TRITON_TYPES",
-    "VERSION",
     "build_config",
-    "format_config",
-    "parse_config",
-    "read_config",
     "triton_type",
     "write_model",
 ]
 
-PLATFORM = "onnxruntime_onnx"
-CONFIG_NAME = "config.pbtxt"
-MODEL_NAME = "model.onnx"
-VERSION = "1"
 DEFAULT_PREFERRED_BATCH_SIZES = (16, 32, 64)  # those <= max_batch_size are used
-MAX_SHAPE = "normport.max_shape."  # + an input's name: parameter key of its per-sample maxima
-MIN_SHAPE = "normport.min_shape."  # + an input's name: ... of its minima
-# The model-wide normport parameter keys (read by runtime.serve.admission).
-NORMPORT_KEYS = ("normport.memory_budget",)
 
 _T = onnx.TensorProto
 TRITON_TYPES: dict[int, str] = {
@@ -100,8 +91,6 @@ TRITON_TYPES: dict[int, str] = {
     _T.STRING: "TYPE_STRING",
 }
 
-Config = dict[str, Any]
-
 
 def triton_type(elem_type: int, tensor: str = "?") -> str:
     """The Triton ``TYPE_*`` name of an ONNX element type; ValueError naming an unmapped one."""
@@ -114,7 +103,9 @@ def triton_type(elem_type: int, tensor: str = "?") -> str:
     return TRITON_TYPES[elem_type]
 
 
-def _tensor(value: onnx.ValueInfoProto, kind: str, batch: list[str] | None) -> dict[str, Any]:
+def _tensor(
+    value: onnx.ValueInfoProto, kind: str, batch: list[str] | None
+) -> triton_config.ModelInput | triton_config.ModelOutput:
     """One config tensor; ``batch`` collects the batch symbol (None: no batching)."""
     ttype = value.type.tensor_type
     if not value.type.HasField("tensor_type") or not ttype.HasField("shape"):
@@ -133,12 +124,15 @@ def _tensor(value: onnx.ValueInfoProto, kind: str, batch: list[str] | None) -> d
             batch.append(symbol)  # the first tensor names the batch symbol for all others
         shape = shape[1:]
     dims = [d.dim_value if d.HasField("dim_value") else -1 for d in shape]
-    return {
-        "name": value.name,
-        "data_type": triton_type(ttype.elem_type, value.name),
-        "dims": dims or [1],
-        "reshape": None if dims else [],
-    }
+    message = triton_config.ModelInput if kind == "input" else triton_config.ModelOutput
+    tensor = message(
+        name=value.name,
+        data_type=triton_config.type_value(triton_type(ttype.elem_type, value.name)),
+        dims=dims or [1],
+    )
+    if not dims:
+        tensor.reshape.SetInParent()  # reshape: { shape: [ ] }: the graph's per-sample scalar
+    return tensor
 
 
 def _preferred(max_batch_size: int, preferred: Sequence[int] | None) -> list[int]:
@@ -162,8 +156,8 @@ def build_config(
     preferred_batch_sizes: Sequence[int] | None = None,
     max_queue_delay_microseconds: int = 100,
     dynamic_batching: bool | str = True,
-) -> Config:
-    """The config of ``model`` served as ``name``, as :func:`read_config` returns it.
+) -> ModelConfig:
+    """The Triton ``ModelConfig`` of ``model`` served as ``name``.
 
     The graph's dim bounds (``normport.dim_bounds`` metadata) become ``parameters`` (see the
     module docstring).
@@ -202,20 +196,22 @@ def build_config(
     bounds = read_dim_bounds(model)
     if batch:
         _check_batch_bounds(bounds.get(batch[0], {}), batch[0], max_batch_size)
-    return {
-        "name": name,
-        "platform": PLATFORM,
-        "max_batch_size": max_batch_size,
-        "inputs": inputs,
-        "outputs": outputs,
-        "dynamic_batching": None
-        if not batching
-        else {
-            "preferred_batch_size": _preferred(max_batch_size, preferred_batch_sizes),
-            "max_queue_delay_microseconds": max_queue_delay_microseconds,
-        },
-        "parameters": _shape_parameters(graph.input, bounds, batched=batch is not None),
-    }
+    config = ModelConfig(
+        name=name,
+        platform=PLATFORM,
+        max_batch_size=max_batch_size,
+        input=inputs,
+        output=outputs,
+    )
+    if batching:
+        config.dynamic_batching.SetInParent()  # present even when every field is a default
+        config.dynamic_batching.preferred_batch_size.extend(
+            _preferred(max_batch_size, preferred_batch_sizes)
+        )
+        config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_microseconds
+    for key, value in _shape_parameters(graph.input, bounds, batched=batch is not None).items():
+        config.parameters[key].string_value = value
+    return config
 
 
 def _check_batch_bounds(bound: dict[str, int], symbol: str, max_batch_size: int) -> None:
@@ -249,10 +245,6 @@ def _shape_parameters(
     return parameters
 
 
-def _ints(values: Sequence[int]) -> str:
-    return "[ " + ", ".join(map(str, values)) + " ]" if values else "[ ]"
-
-
 def _wrap(text: str, width: int = 96) -> list[str]:
     """``text``'s lines, each wrapped at spaces to ``width`` (a long word stays whole)."""
     return [
@@ -261,46 +253,6 @@ def _wrap(text: str, width: int = 96) -> list[str]:
         for part in textwrap.wrap(line, width, break_long_words=False, break_on_hyphens=False)
         or [""]
     ]
-
-
-def format_config(config: Config, comment: str | None = None) -> str:
-    """``config`` (as :func:`build_config` returns it) in protobuf text format.
-
-    ``comment`` (any text) is written as ``#`` lines after the header comment; parsers (Triton's,
-    :func:`parse_config`) skip them.
-    """
-    lines = [
-        "# Triton Inference Server model configuration, written by normport export.repository.",
-        *(f"# {line}".rstrip() for line in _wrap(comment or "")),
-        f"name: {quote(config['name'])}",
-        f"platform: {quote(config['platform'])}",
-        f"max_batch_size: {config['max_batch_size']}",
-    ]
-    for field, key in (("input", "inputs"), ("output", "outputs")):
-        blocks = []
-        for t in config[key]:
-            block = [
-                f"    name: {quote(t['name'])}",
-                f"    data_type: {t['data_type']}",
-                f"    dims: {_ints(t['dims'])}",
-            ]
-            if t["reshape"] is not None:
-                block.append(f"    reshape: {{ shape: {_ints(t['reshape'])} }}")
-            blocks.append("  {\n" + "\n".join(block) + "\n  }")
-        lines.append(f"{field} [\n" + ",\n".join(blocks) + "\n]")
-    batching = config["dynamic_batching"]
-    if batching is not None:
-        lines.append("dynamic_batching {")
-        if batching["preferred_batch_size"]:
-            lines.append(f"  preferred_batch_size: {_ints(batching['preferred_batch_size'])}")
-        lines.append(f"  max_queue_delay_microseconds: {batching['max_queue_delay_microseconds']}")
-        lines.append("}")
-    for key, value in config.get("parameters", {}).items():
-        lines.append("parameters {")
-        lines.append(f"  key: {quote(key)}")
-        lines.append(f"  value: {{ string_value: {quote(value)} }}")
-        lines.append("}")
-    return "\n".join(lines) + "\n"
 
 
 def write_model(
@@ -335,160 +287,6 @@ def write_model(
         comment = f"No dynamic_batching: {dynamic_batching}"
     folder = Path(root) / name
     save(model, folder / VERSION / MODEL_NAME)  # the model first: a config never dangles
-    atomic_write(folder / CONFIG_NAME, format_config(config, comment).encode("utf-8"))
+    text = triton_config.to_text(config, "\n".join(_wrap(comment)) if comment else None)
+    atomic_write(folder / CONFIG_NAME, text.encode("utf-8"))
     return folder
-
-
-# -- reading ---------------------------------------------------------------------------------
-
-_TOP = ("name", "platform", "max_batch_size", "input", "output", "dynamic_batching", "parameters")
-_TENSOR = ("name", "data_type", "dims", "reshape")
-_BATCHING = ("preferred_batch_size", "max_queue_delay_microseconds")
-_MISSING = object()
-_KINDS: tuple[tuple[type, str], ...] = (  # Enum before its base class str
-    (Enum, "an identifier"),
-    (str, "a quoted string"),
-    (int, "an integer"),
-    (list, "a list"),
-    (Message, "a '{ }' block"),
-)
-
-
-def _kind(kind: type) -> str:
-    return next(name for t, name in _KINDS if issubclass(kind, t))
-
-
-def _group(message: Message, allowed: tuple[str, ...], where: str) -> dict[str, list[Field]]:
-    groups: dict[str, list[Field]] = {}
-    for f in message.fields:
-        if f.name not in allowed:
-            raise ValueError(
-                f"line {f.line}: unknown field in {where} (allowed: {', '.join(allowed)})"
-            )
-        groups.setdefault(f.name, []).append(f)
-    return groups
-
-
-def _one(groups: dict[str, list[Field]], key: str, kind: type, where: str, default=_MISSING):
-    fields = groups.get(key, [])
-    if len(fields) > 1:
-        raise ValueError(f"line {fields[1].line}: {key!r} repeated in {where}")
-    if not fields:
-        if default is _MISSING:
-            raise ValueError(f"{where} has no {key!r}")
-        return default
-    value = fields[0].value
-    if not isinstance(value, kind) or (kind is str and isinstance(value, Enum)):
-        raise ValueError(
-            f"line {fields[0].line}: {key!r} must be {_kind(kind)}, found {_kind(type(value))}"
-        )
-    return value
-
-
-def _many(groups: dict[str, list[Field]], key: str, kind: type) -> list:
-    """A repeated field: ``key: [a, b]`` and/or ``key: a key: b``, flattened."""
-    out = []
-    for f in groups.get(key, []):
-        for value in f.value if isinstance(f.value, list) else [f.value]:
-            if not isinstance(value, kind) or (kind is not Enum and isinstance(value, Enum)):
-                raise ValueError(
-                    f"line {f.line}: each {key!r} value must be {_kind(kind)}, "
-                    f"found {_kind(type(value))}"
-                )
-            out.append(value)
-    return out
-
-
-def _read_tensor(message: Message, where: str) -> dict[str, Any]:
-    g = _group(message, _TENSOR, where)
-    name = _one(g, "name", str, where)
-    data_type = _one(g, "data_type", Enum, where)
-    if data_type not in TRITON_TYPES.values():
-        raise ValueError(
-            f"line {g['data_type'][0].line}: unknown data_type "
-            f"(allowed: {', '.join(TRITON_TYPES.values())})"
-        )
-    dims = _many(g, "dims", int)
-    if not dims or any(d < -1 for d in dims):
-        raise ValueError(f"line {message.line}: {where} needs dims, each >= -1")
-    reshape = _one(g, "reshape", Message, where, None)
-    if reshape is not None:
-        reshape = _many(_group(reshape, ("shape",), "reshape"), "shape", int)
-    return {"name": name, "data_type": str(data_type), "dims": dims, "reshape": reshape}
-
-
-def parse_config(text: str) -> Config:
-    """Parse ``config.pbtxt`` text (the subset :func:`format_config` writes).
-
-    Raises:
-        ValueError: syntax outside the subset, an unknown or repeated field, a missing or
-            mistyped value; the message starts with ``line <n>:`` (and, for syntax,
-            ``column <m>:``) and names the kind of what was found, never its text.
-    """
-    top = _group(parse(text), _TOP, "the config")
-    config: Config = {
-        "name": _one(top, "name", str, "the config"),
-        "platform": _one(top, "platform", str, "the config"),
-        "max_batch_size": _one(top, "max_batch_size", int, "the config", 0),
-    }
-    for field, key in (("input", "inputs"), ("output", "outputs")):
-        config[key] = [_read_tensor(m, field) for m in _many(top, field, Message)]
-    for field, key in (("input", "inputs"), ("output", "outputs")):
-        if not config[key]:
-            raise ValueError(f"the config has no {field!r}")
-    batching = _one(top, "dynamic_batching", Message, "the config", None)
-    if batching is not None:
-        g = _group(batching, _BATCHING, "dynamic_batching")
-        batching = {
-            "preferred_batch_size": _many(g, "preferred_batch_size", int),
-            "max_queue_delay_microseconds": _one(
-                g, "max_queue_delay_microseconds", int, "dynamic_batching", 0
-            ),
-        }
-    config["dynamic_batching"] = batching
-    names = {t["name"] for t in config["inputs"]}
-    config["parameters"] = _read_parameters(_many(top, "parameters", Message), names)
-    return config
-
-
-def _read_parameters(messages: list[Message], inputs: set[str]) -> dict[str, str]:
-    """Triton's ``parameters`` map (``{ key: "k" value: { string_value: "v" } }`` each) as
-    ``{k: v}``; a ``normport.*`` key must be one this module documents."""
-    out: dict[str, str] = {}
-    for message in messages:
-        g = _group(message, ("key", "value"), "parameters")
-        key = _one(g, "key", str, "parameters")
-        value = _one(g, "value", Message, "parameters")
-        where = "a parameters value"
-        text = _one(_group(value, ("string_value",), where), "string_value", str, where)
-        if key in out:
-            raise ValueError(f"line {message.line}: parameters key repeated")
-        if key.startswith("normport.") and not _known_key(key, inputs):
-            raise ValueError(
-                f"line {message.line}: unknown normport parameters key (allowed: "
-                f"{MAX_SHAPE}<input>, {MIN_SHAPE}<input> for an input of the config, "
-                f"{', '.join(NORMPORT_KEYS)})"
-            )
-        out[key] = text
-    return out
-
-
-def _known_key(key: str, inputs: set[str]) -> bool:
-    if key in NORMPORT_KEYS:
-        return True
-    return any(key.startswith(p) and key[len(p) :] in inputs for p in (MAX_SHAPE, MIN_SHAPE))
-
-
-def read_config(path: str | os.PathLike) -> Config:
-    """Parse ``path`` (a ``config.pbtxt``, or a model folder holding one); see :func:`parse_config`.
-
-    Raises:
-        ValueError: as :func:`parse_config`, prefixed with the path.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / CONFIG_NAME
-    try:
-        return parse_config(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None

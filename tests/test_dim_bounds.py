@@ -21,13 +21,15 @@ from onnx import TensorProto, helper
 from torch import Tensor, nn
 
 from normport import export
+from normport.export import triton_config
 from normport.export._bounds import BOUNDS_KEY, read_dim_bounds
-from normport.export.repository import build_config, format_config, parse_config, write_model
+from normport.export.repository import build_config, write_model
 from normport.runtime.serve.codec import decode_request
 from normport.runtime.serve.errors import BadRequest
 from normport.runtime.serve.repository import UNAVAILABLE, Repository
 from normport.runtime.serve.spec import ModelSpec
 from tests.serve.repo import MAX_BATCH, identity
+from tests.triton_schema import as_dict, parse_config
 
 # -- export: the bounds come from the model ----------------------------------------------------
 
@@ -150,8 +152,7 @@ def test_bounds_are_where_the_model_and_the_graph_stop(exported, c: BoundCase) -
 def test_build_config_writes_the_bounds_as_parameters(exported, case_id, parameters) -> None:
     _, model = exported[case_id]
     config = build_config("m", model)
-    assert config["parameters"] == parameters
-    assert parse_config(format_config(config)) == config
+    assert parse_config(triton_config.to_text(config))["parameters"] == parameters
 
 
 # -- config parameters: format, parse ----------------------------------------------------------
@@ -176,19 +177,20 @@ def _model(bounds: dict | None, shape: list) -> onnx.ModelProto:
 def test_parameters_round_trip_and_keep_tritons_own_keys() -> None:
     bounds = {"seq_len": {"min": 3, "max": 64}, "width": {"max": 7}}
     config = build_config("m", _model(bounds, ["batch", "seq_len", 8, "width"]))
-    assert config["parameters"] == {
+    config.parameters["execution_mode"].string_value = 'say "hi"\n'  # Triton's own key: kept
+    text = triton_config.to_text(config)
+    read = parse_config(text)  # Triton's schema reads what normport wrote
+    assert read["parameters"] == {
         "normport.max_shape.x": "[64, -1, 7]",
         "normport.min_shape.x": "[3, -1, -1]",
+        "execution_mode": 'say "hi"\n',
     }
-    config["parameters"]["execution_mode"] = 'say "hi"\n'  # Triton's own key: kept
-    text = format_config(config)
-    assert 'key: "normport.max_shape.x"\n  value: { string_value: "[64, -1, 7]" }' in text
-    assert parse_config(text) == config
+    assert read == as_dict(triton_config.parse(text))
 
 
 def test_no_batching_bounds_every_axis() -> None:
     config = build_config("m", _model({"batch": {"max": 4}}, ["batch", 3]), max_batch_size=0)
-    assert config["parameters"] == {"normport.max_shape.x": "[4, -1]"}
+    assert triton_config.parameters(config) == {"normport.max_shape.x": "[4, -1]"}
 
 
 @pytest.mark.parametrize(
@@ -223,32 +225,43 @@ def test_hand_written_parameters_in_both_spellings() -> None:
         'parameters: [ { key: "execution_mode" value: { string_value: "1" } } ]\n'
     )
     text = HEAD + IO + blocks
-    assert parse_config(text)["parameters"] == {
-        "normport.max_shape.x": "[5, -1]",
-        "execution_mode": "1",
-    }
+    expected = {"normport.max_shape.x": "[5, -1]", "execution_mode": "1"}
+    assert parse_config(text)["parameters"] == expected
+    assert triton_config.parameters(triton_config.parse(text)) == expected
 
 
 @pytest.mark.parametrize(
     ("block", "match"),
     [
         ('{ key: "normport.max_size.x" value { string_value: "[5, -1]" } }',
-         r"line 7: unknown normport parameters key \(allowed: normport.max_shape.<input>"),
+         r"^unknown normport parameters key \(allowed: normport.max_shape.<input>"),
         ('{ key: "normport.max_shape.z" value { string_value: "[5, -1]" } }',
-         r"line 7: unknown normport parameters key"),
-        ('{ key: "k" value { string_value: "a" } } parameters { key: "k" value { string_value: "b" } }',
-         r"line 7: parameters key repeated"),
-        ('{ key: "k" }', r"parameters has no 'value'"),
-        ('{ key: "k" value { } }', r"a parameters value has no 'string_value'"),
-        ('{ key: "k" value { int_value: 3 } }', r"line 7: unknown field in a parameters value"),
-        ('{ key: "k" value: "v" }', r"line 7: 'value' must be a '\{ \}' block"),
+         r"^unknown normport parameters key"),
+        ('{ key: "k" value { int_value: 3 } }',
+         r"^line 7, column 31: unknown field in ModelParameter \(allowed: string_value\)$"),
+        ('{ key: "k" value: "v" }', r"^line 7, column 30: expected '\{'$"),
     ],
-    ids=["unknown-normport-key", "unknown-input", "repeated", "no-value", "no-string",
-         "int-value", "value-not-block"],
+    ids=["unknown-normport-key", "unknown-input", "int-value", "value-not-block"],
 )  # fmt: skip
 def test_bad_parameters_are_refused(block: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        parse_config(HEAD + IO + "\nparameters " + block + "\n")
+        triton_config.parse(HEAD + IO + "\nparameters " + block + "\n")
+
+
+def test_parameters_that_triton_accepts_are_accepted() -> None:
+    """Near misses of the refusals above: a repeated key (the last wins, as in Triton) and a
+    key without a value (an empty string) parse; the oracle is Triton's schema."""
+    text = (
+        HEAD
+        + IO
+        + (
+            'parameters { key: "k" value { string_value: "a" } }\n'
+            'parameters { key: "k" value { string_value: "b" } }\n'
+            'parameters { key: "e" }\n'
+        )
+    )
+    assert triton_config.parameters(triton_config.parse(text)) == {"k": "b", "e": ""}
+    assert parse_config(text)["parameters"] == {"k": "b", "e": ""}
 
 
 # -- the server's spec: validation and enforcement ----------------------------------------------
@@ -256,8 +269,9 @@ def test_bad_parameters_are_refused(block: str, match: str) -> None:
 
 def _spec(parameters: dict[str, str], dims: list[int] | None = None) -> ModelSpec:
     text = HEAD + IO.replace("[ -1, 3 ]", f"[ {', '.join(map(str, dims or [-1, 3]))} ]", 1)
-    config = parse_config(text)
-    config["parameters"] = parameters
+    config = triton_config.parse(text)
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
     return ModelSpec.from_config(config, "1")
 
 

@@ -35,7 +35,7 @@ from normport.export.__main__ import (
     main,
     valid_model_name,
 )
-from normport.export.repository import read_config
+from tests.triton_schema import read_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,15 +15,12 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from normport import export
+from normport.export import triton_config
 from normport.export.__main__ import main
-from normport.export.repository import (
-    build_config,
-    parse_config,
-    read_config,
-    triton_type,
-    write_model,
-)
+from normport.export.repository import build_config, triton_type, write_model
 from normport.models import zoo
+from normport.runtime.serve.spec import ModelSpec
+from tests.triton_schema import as_dict, parse_config, read_config
 
 NAMES = ["cnn_gn", "seq_bn", "transformer_ln"]
 ATOL = 1e-5
@@ -113,7 +110,8 @@ def test_config_matches_graph(repo: dict[str, Exported], name: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_read_config_round_trip(repo: dict[str, Exported], name: str) -> None:
     e = repo[name]
-    assert read_config(e.folder) == build_config(name, e.model)
+    assert read_config(e.folder) == as_dict(build_config(name, e.model))
+    assert as_dict(triton_config.read(e.folder)) == read_config(e.folder)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -238,7 +236,7 @@ def test_bad_options(repo: dict[str, Exported], kwargs: dict, match: str) -> Non
         build_config(kwargs.pop("name"), repo["cnn_gn"].model, **kwargs)
 
 
-# -- parser --------------------------------------------------------------------------------------
+# -- parser: normport's reading against Triton's schema -----------------------------------------
 
 GOOD = """
 # comment
@@ -247,13 +245,14 @@ platform: "onnxruntime_onnx"
 max_batch_size: 8
 input [ { name: "a \\"q\\"" data_type: TYPE_INT64 dims: [ -1 ] } ]
 output { name: "b" data_type: TYPE_FP32 dims: 2 dims: 3 }
-output: { name: "c" data_type: TYPE_BOOL dims: [1] reshape: { shape: [ ] } }
+output: { name: "c" data_type: TYPE_BOOL dims: [1] reshape: { shape: [ ] } };
 dynamic_batching { }
+instance_group [ { count: 1 kind: KIND_CPU } ]
 """
 
 
-def test_parse_config_accepts_the_subset() -> None:
-    assert parse_config(GOOD) == {
+def test_parse_reads_what_tritons_schema_reads() -> None:
+    expected = {
         "name": "m",
         "platform": "onnxruntime_onnx",
         "max_batch_size": 8,
@@ -265,77 +264,74 @@ def test_parse_config_accepts_the_subset() -> None:
         "dynamic_batching": {"preferred_batch_size": [], "max_queue_delay_microseconds": 0},
         "parameters": {},
     }
+    assert parse_config(GOOD) == expected  # the oracle: tritonclient's compiled schema
+    assert as_dict(triton_config.parse(GOOD)) == expected
+
+
+def test_written_text_is_what_triton_reads(repo: dict[str, Exported]) -> None:
+    """The writer's text through Triton's schema gives the message it was written from."""
+    config = build_config("cnn_gn", repo["cnn_gn"].model, preferred_batch_sizes=[2, 8])
+    config.parameters["execution_mode"].string_value = "1"
+    text = triton_config.to_text(config, comment="line one\nline two")
+    assert text.startswith(triton_config.HEADER + "\n# line one\n# line two\n")
+    assert parse_config(text) == as_dict(config)
+    assert parse_config(text)["dynamic_batching"]["preferred_batch_size"] == [2, 8]
 
 
 HEAD = 'name: "m"\nplatform: "p"\n'
 TENSORS = 'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\noutput [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+SECRET = "hunter2"
 
 
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        (
-            HEAD + "max_batch_size: 1.5\n",
-            r"line 3, column 17: found a number that is not a plain integer",
-        ),
-        (HEAD + "max_batch_size: 8 ;\n", r"line 3, column 19: found a ';' separator"),
-        (
-            HEAD + 'input [\n  { name: "x"\n',
-            r"line 5, column 1: end of the file inside the '\{' opened on line 4, column 3",
-        ),
-        (
-            HEAD + 'input [ { name: "x" dims: [ 1 2 ] } ]\n',
-            r"line 3, column 31: expected ',' or '\]' in the list opened on line 3, column 27, "
-            r"found an integer",
-        ),
-        (
-            HEAD + "max_batch_size 8\n",
-            r"line 3, column 16: expected ':', '\{' or '\[' after a field name, found an integer",
-        ),
-        (HEAD + "}\n", r"line 3, column 1: '\}' without a matching '\{'"),
-        (
-            HEAD + 'name: "unterminated\n',
-            r"line 3, column 7: found a quoted string not closed on its line",
-        ),
-        (
-            HEAD + TENSORS + "instance_group [ { count: 1 } ]\n",
-            r"line 5: unknown field in the config \(allowed: name, platform, max_batch_size, ",
-        ),
-        (
-            HEAD + TENSORS + 'max_batch_size: "8"\n',
-            r"line 5: 'max_batch_size' must be an integer, found a quoted string",
-        ),
-        (
-            HEAD + TENSORS + "max_batch_size: 1\nmax_batch_size: 2\n",
-            r"line 6: 'max_batch_size' repeated",
-        ),
-        (
-            HEAD + 'input [ { name: "x" data_type: TYPE_FLOAT dims: [ 1 ] } ]\n',
-            r"line 3: unknown data_type \(allowed: TYPE_BOOL, ",
-        ),
-        (
-            HEAD + '\n\noutput [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] color: 3 } ]\n',
-            r"line 5: unknown field in output \(allowed: name, data_type, dims, reshape\)",
-        ),
-        (
-            HEAD + TENSORS + "dynamic_batching { preferred_batch_size: [ TYPE_FP32 ] }\n",
-            r"line 5: each 'preferred_batch_size' value must be an integer, found an identifier",
-        ),
+        (HEAD + "max_batch_size: 1.5\n", r"line 3, column 17: expected an integer$"),
+        (HEAD + 'input [\n  { name: "x"\n', r"line 4, column 11: expected '\}'$"),
+        (HEAD + 'input [ { name: "x" dims: [ 1 2 ] } ]\n', r"line 3, column 31: expected ',' or '\]' in a list$"),
+        (HEAD + "max_batch_size 8\n", r"line 3, column 16: expected ':' after a field name$"),
+        (HEAD + "}\n", r"line 3, column 1: expected a field name or identifier$"),
+        (HEAD + 'name: "unterminated\n', r"line 3, column 7: a quoted string has no closing quote$"),
+        (HEAD + TENSORS + 'max_batch_size: "8"\n', r"line 5, column 17: expected an integer$"),
+        (HEAD + TENSORS + "max_batch_size: 1\nmax_batch_size: 2\n", r"line 6, column 17: field 'max_batch_size' repeated in ModelConfig$"),
+        (HEAD + 'input [ { name: "x" data_type: TYPE_FLOAT dims: [ 1 ] } ]\n', r"line 3, column 32: unknown value for DataType \(allowed: TYPE_INVALID, TYPE_BOOL, "),
+        (HEAD + '\n\noutput [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] color: 3 } ]\n', r"line 5, column 55: unknown field in ModelOutput \(allowed: name, data_type, dims, reshape, "),
+        (HEAD + TENSORS + "dynamic_batching { preferred_batch_size: [ TYPE_FP32 ] }\n", r"line 5, column 44: expected an integer$"),
+        (HEAD + "max_batch_size: 99999999999\n", r"line 3, column 17: integer out of range for its field$"),
     ],
-)
-def test_read_config_rejects_malformed_text(tmp_path: Path, text: str, match: str) -> None:
+)  # fmt: skip
+def test_read_rejects_malformed_text(tmp_path: Path, text: str, match: str) -> None:
+    """Every refusal is Triton's too (its schema refuses the same text), says where, and never
+    quotes the text."""
+    with pytest.raises(Exception):  # noqa: B017 (text_format.ParseError: Triton refuses it)
+        parse_config(text)
     path = tmp_path / "config.pbtxt"
-    path.write_text(text)
-    with pytest.raises(ValueError, match=match) as info:
-        read_config(path)
-    assert str(info.value).startswith(f"{path}: ")
+    path.write_text(text.replace("TYPE_FLOAT", f"TYPE_{SECRET}").replace("color", SECRET))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: ") + match) as info:
+        triton_config.read(path)
+    assert SECRET not in str(info.value)
 
 
-def test_read_config_needs_name_and_tensors() -> None:
-    with pytest.raises(ValueError, match=r"the config has no 'name'"):
-        parse_config('platform: "p"\n' + TENSORS)
-    with pytest.raises(ValueError, match=r"the config has no 'output'"):
-        parse_config(HEAD + 'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+def test_the_server_needs_tensors_and_names() -> None:
+    """Triton's schema leaves every field optional; the server refuses what Triton refuses."""
+    cases = {
+        HEAD
+        + 'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n': "the config has no 'output'",
+        HEAD
+        + "input [ { data_type: TYPE_FP32 dims: [ 1 ] } ]\n"
+        + TENSORS[TENSORS.index("output") :]: "an input of the config has no name",
+        HEAD
+        + 'input [ { name: "x" dims: [ 1 ] } ]\n'
+        + TENSORS[TENSORS.index("output") :]: "input 'x' has no data_type",
+        HEAD
+        + 'input [ { name: "x" data_type: TYPE_FP32 } ]\n'
+        + TENSORS[TENSORS.index("output") :]: "input 'x': dims must not be empty",
+    }
+    for text, message in cases.items():
+        parse_config(text)  # valid ModelConfig text for Triton's schema
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ModelSpec.from_config(triton_config.parse(text), "1")
+    assert ModelSpec.from_config(triton_config.parse(HEAD + TENSORS), "1").inputs[0].dims == (1,)
 
 
 # -- CLI ------------------------------------------------------------------------------------------

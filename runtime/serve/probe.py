@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from normport.export import triton_config
+from normport.export.triton_config import ModelConfig
 from normport.runtime.isolation import Died, Emit, child_main, run_isolated
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Job", "ProbeFailed", "Probed", "probe_all"]
@@ -38,7 +40,7 @@ class Job:
     """One model version to probe."""
 
     path: str
-    config: dict[str, Any]
+    config: ModelConfig
     version: str
     threads: int = 0
     providers: tuple[str, ...] | None = None
@@ -47,7 +49,7 @@ class Job:
         return json.dumps(
             {
                 "path": self.path,
-                "config": self.config,
+                "config": triton_config.to_text(self.config),
                 "version": self.version,
                 "threads": self.threads,
                 "providers": None if self.providers is None else list(self.providers),
@@ -147,7 +149,7 @@ def _child(jobs: list[dict[str, Any]], emit: Emit) -> None:
         emit(job=i, stage="creating the session")
         session = None
         try:
-            spec = ModelSpec.from_config(job["config"], job["version"])
+            spec = ModelSpec.from_config(triton_config.parse(job["config"]), job["version"])
             before = rss()
             session = Session(job["path"], spec, threads=job["threads"], providers=job["providers"])
             resident = max(rss() - before, 0)

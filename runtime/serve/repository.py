@@ -36,12 +36,18 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
 
-from normport.export.repository import CONFIG_NAME, MODEL_NAME, PLATFORM, parse_config
+from normport.export import triton_config
+from normport.export.triton_config import (
+    CONFIG_NAME,
+    MEMORY_BUDGET,
+    MODEL_NAME,
+    PLATFORM,
+    ModelConfig,
+)
 from normport.runtime.serve.admission import Budget, parse_bytes
 from normport.runtime.serve.batcher import Batcher, Execution
 from normport.runtime.serve.errors import ModelNotFound, ModelUnavailable
@@ -55,7 +61,6 @@ from normport.runtime.serve.train_graph import TrainGraphError, check_not_train
 
 __all__ = [
     "IGNORED",
-    "MEMORY_BUDGET_KEY",
     "READY",
     "UNAVAILABLE",
     "ModelVersion",
@@ -71,7 +76,6 @@ IGNORED = "ignored: version folder names are positive integers without a leading
 _VERSION = re.compile(r"[1-9][0-9]{0,17}")  # Triton's rule; 18 digits stay below 2**63
 _MAX_REASON = 500
 _MAX_CONFIG_BYTES = 1 << 20  # configs are a few hundred bytes; this bounds a stray huge file
-MEMORY_BUDGET_KEY = "normport.memory_budget"
 
 
 @dataclass
@@ -178,7 +182,7 @@ class Repository:
         return ModelVersion(name, folder_name, UNAVAILABLE, IGNORED)
 
     def _prepare(
-        self, folder: Path, config: dict[str, Any], version: str, pending: list[_Pending]
+        self, folder: Path, config: ModelConfig, version: str, pending: list[_Pending]
     ) -> ModelVersion:
         """Check what can be checked without onnxruntime; queue the version for its probe."""
         name = folder.name
@@ -207,7 +211,7 @@ class Repository:
         budget = Budget(
             f"model '{name}''s memory budget",
             pending.memory_budget,
-            f"parameter {MEMORY_BUDGET_KEY!r} in {CONFIG_NAME}, or --model-memory-budget",
+            f"parameter {MEMORY_BUDGET!r} in {CONFIG_NAME}, or --model-memory-budget",
         )
         stats = ModelStats(name, version)
         metrics = self._metrics.model(name, version, ready=True)
@@ -313,26 +317,26 @@ def default_memory_budget() -> int:
     return machine_memory() // 2
 
 
-def _memory_budget(config: dict[str, Any], default: int) -> int:
+def _memory_budget(config: ModelConfig, default: int) -> int:
     """The config's ``normport.memory_budget`` parameter, else ``default``.
 
     Raises:
         ValueError: the parameter is not a size (the message names the parameter).
     """
-    text = config.get("parameters", {}).get(MEMORY_BUDGET_KEY)
-    if text is None:
+    if MEMORY_BUDGET not in config.parameters:
         return default
+    text = config.parameters[MEMORY_BUDGET].string_value
     try:
         return parse_bytes(text)
     except ValueError as e:
-        raise ValueError(f"parameter {MEMORY_BUDGET_KEY!r}: {e}") from None
+        raise ValueError(f"parameter {MEMORY_BUDGET!r}: {e}") from None
 
 
 def _clip(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _read_config(folder: Path) -> ModelConfig:
     """``folder/config.pbtxt``, parsed and checked; errors never quote the file's text.
 
     Raises:
@@ -350,14 +354,14 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if len(data) > _MAX_CONFIG_BYTES:
         raise ValueError(f"{CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES} bytes")
     try:
-        config = parse_config(data.decode("utf-8"))
+        config = triton_config.parse(data.decode("utf-8"))
     except UnicodeDecodeError as e:  # its message would quote the byte
         raise ValueError(f"{CONFIG_NAME} is not UTF-8 text (byte offset {e.start})") from None
     except ValueError as e:
         raise ValueError(f"{CONFIG_NAME}: {e}") from None
-    if config["name"] != folder.name:
+    if config.name != folder.name:
         raise ValueError(f"the name in {CONFIG_NAME} differs from the folder name")
-    if config["platform"] != PLATFORM:
+    if config.platform != PLATFORM:
         raise ValueError(f"the platform in {CONFIG_NAME} is not {PLATFORM!r}")
     return config
 

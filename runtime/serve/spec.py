@@ -1,7 +1,7 @@
 """What a served model looks like from outside: tensors, shapes, batching; metadata and config JSON.
 
-Built from the dict :func:`export.repository.read_config` returns (the ``config.pbtxt`` that
-``make export`` writes), never from a request.  Shapes follow Triton: with
+Built from the Triton ``ModelConfig`` that :func:`export.triton_config.parse` reads (the
+``config.pbtxt`` that ``make export`` writes), never from a request.  Shapes follow Triton: with
 ``max_batch_size > 0`` every tensor's client shape is ``[batch] + dims``; with 0 it is ``dims``.
 A ``reshape`` (``dims: [ 1 ] reshape: { shape: [ ] }`` for a per-sample scalar) is the shape the
 graph itself sees per sample.
@@ -14,7 +14,7 @@ a dim that is neither ``-1`` nor positive, a ``reshape`` whose element count dif
 :class:`runtime.serve.session.Session`'s check.
 
 Shape bounds: the ``normport.min_shape.<input>`` / ``normport.max_shape.<input>`` parameters
-(format: :mod:`export.repository`) become :attr:`TensorSpec.min_dims` / ``max_dims``, which
+(format: :mod:`export.triton_config`) become :attr:`TensorSpec.min_dims` / ``max_dims``, which
 :mod:`runtime.serve.codec` enforces; :func:`shape_bounds` refuses a value that is not a JSON
 list of ints ``-1`` or in ``[0, 2**63 - 1]``, one per ``dims`` entry, or that contradicts a
 fixed dim or the other bound (a ValueError naming the parameter: the model is UNAVAILABLE).
@@ -27,7 +27,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from normport.export.repository import MAX_SHAPE, MIN_SHAPE
+from normport.export import triton_config
+from normport.export.triton_config import (
+    MAX_SHAPE,
+    MIN_SHAPE,
+    MODEL_NAME,
+    ModelConfig,
+)
 from normport.runtime.serve import datatypes
 from normport.runtime.serve.datatypes import DataType
 
@@ -53,13 +59,14 @@ class TensorSpec:
     max_dims: tuple[int, ...] | None = None
 
     @classmethod
-    def from_config(cls, tensor: dict[str, Any]) -> TensorSpec:
-        reshape = tensor.get("reshape")
+    def from_config(
+        cls, tensor: triton_config.ModelInput | triton_config.ModelOutput
+    ) -> TensorSpec:
         return cls(
-            name=tensor["name"],
-            datatype=datatypes.from_triton_type(tensor["data_type"]),
-            dims=tuple(tensor["dims"]),
-            reshape=None if reshape is None else tuple(reshape),
+            name=tensor.name,
+            datatype=datatypes.from_triton_type(triton_config.type_name(tensor.data_type)),
+            dims=tuple(tensor.dims),
+            reshape=tuple(tensor.reshape.shape) if tensor.HasField("reshape") else None,
         )
 
     def metadata(self, batched: bool) -> dict[str, Any]:
@@ -86,30 +93,28 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batching: Batching | None
-    config: dict[str, Any]
+    config: ModelConfig
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], version: str) -> ModelSpec:
+    def from_config(cls, config: ModelConfig, version: str) -> ModelSpec:
         """Raises ValueError for a datatype the service does not support, or a config Triton
         refuses (see :func:`_validate`)."""
         _validate(config)
-        dynamic = config.get("dynamic_batching")
         batching = None
-        if dynamic is not None and config["max_batch_size"] > 0:
+        if config.HasField("dynamic_batching") and config.max_batch_size > 0:
+            dynamic = config.dynamic_batching
             batching = Batching(
-                preferred_batch_sizes=tuple(sorted(dynamic["preferred_batch_size"])),
-                max_queue_delay_s=dynamic["max_queue_delay_microseconds"] / 1e6,
+                preferred_batch_sizes=tuple(sorted(dynamic.preferred_batch_size)),
+                max_queue_delay_s=dynamic.max_queue_delay_microseconds / 1e6,
             )
+        parameters = triton_config.parameters(config)
         return cls(
-            name=config["name"],
+            name=config.name,
             version=version,
-            platform=config["platform"],
-            max_batch_size=config["max_batch_size"],
-            inputs=tuple(
-                shape_bounds(TensorSpec.from_config(t), config.get("parameters", {}))
-                for t in config["inputs"]
-            ),
-            outputs=tuple(TensorSpec.from_config(t) for t in config["outputs"]),
+            platform=config.platform,
+            max_batch_size=config.max_batch_size,
+            inputs=tuple(shape_bounds(TensorSpec.from_config(t), parameters) for t in config.input),
+            outputs=tuple(TensorSpec.from_config(t) for t in config.output),
             batching=batching,
             config=config,
         )
@@ -130,74 +135,65 @@ class ModelSpec:
         }
 
     def config_json(self, instance_kind: str) -> dict[str, Any]:
-        """The JSON form of ``config.pbtxt`` (Triton's ModelConfig), with what is implied spelled
-        out: backend, the version policy (every version folder is served), one instance."""
-        tensors = {}
-        for key, field in (("inputs", "input"), ("outputs", "output")):
-            tensors[field] = [
-                {"name": t["name"], "data_type": t["data_type"], "dims": list(t["dims"])}
-                | ({} if t.get("reshape") is None else {"reshape": {"shape": list(t["reshape"])}})
-                for t in self.config[key]
-            ]
-        out: dict[str, Any] = {
-            "name": self.name,
-            "platform": self.platform,
-            "backend": "onnxruntime",
-            "version_policy": {"all": {}},
-            "max_batch_size": self.max_batch_size,
-            **tensors,
-            "instance_group": [{"name": self.name, "kind": instance_kind, "count": 1}],
-            "default_model_filename": "model.onnx",
-        }
-        dynamic = self.config.get("dynamic_batching")
-        if dynamic is not None:
-            out["dynamic_batching"] = {
-                "preferred_batch_size": list(dynamic["preferred_batch_size"]),
-                "max_queue_delay_microseconds": dynamic["max_queue_delay_microseconds"],
-            }
-        parameters = self.config.get("parameters")
-        if parameters:
-            out["parameters"] = {k: {"string_value": v} for k, v in parameters.items()}
-        return out
+        """Triton's JSON form of ``config.pbtxt`` (``ModelConfig``), with what is implied
+        spelled out: backend, the version policy (every version folder is served), one instance
+        of ``instance_kind`` (``KIND_CPU`` / ``KIND_GPU``), the model file name."""
+        full = ModelConfig()
+        full.CopyFrom(self.config)
+        full.backend = "onnxruntime"
+        full.version_policy.all.SetInParent()
+        group = full.instance_group.add(name=self.name, count=1)
+        group.kind = type(group).Kind.Value(instance_kind)
+        full.default_model_filename = MODEL_NAME
+        return triton_config.to_json(full)
 
 
-def _validate(config: dict[str, Any]) -> None:
-    """Refuse batching options and tensor shapes that Triton refuses; the message names the field
-    and its value.
+def _validate(config: ModelConfig) -> None:
+    """Refuse what Triton refuses: batching options and tensor shapes; the message names the
+    field and its value.
 
     Raises:
         ValueError: the first problem found.
     """
-    max_batch = config["max_batch_size"]
+    max_batch = config.max_batch_size
     if not 0 <= max_batch <= _MAX_BATCH_SIZE:
         raise ValueError(f"max_batch_size must be in [0, {_MAX_BATCH_SIZE}], got {max_batch}")
-    dynamic = config.get("dynamic_batching")
-    if dynamic is not None:
+    if config.HasField("dynamic_batching"):
+        dynamic = config.dynamic_batching
         if max_batch == 0:
             raise ValueError("dynamic_batching needs max_batch_size > 0, got max_batch_size 0")
-        delay = dynamic["max_queue_delay_microseconds"]
+        delay = dynamic.max_queue_delay_microseconds
         if not 0 <= delay <= MAX_QUEUE_DELAY_US:
             raise ValueError(
                 f"max_queue_delay_microseconds must be in [0, {MAX_QUEUE_DELAY_US}], got {delay}"
             )
-        for size in dynamic["preferred_batch_size"]:
+        for size in dynamic.preferred_batch_size:
             if not 0 < size <= max_batch:
                 raise ValueError(
                     f"preferred_batch_size must be in [1, max_batch_size {max_batch}], got {size}"
                 )
-    for kind, key in (("input", "inputs"), ("output", "outputs")):
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        if not tensors:
+            raise ValueError(f"the config has no {kind!r}")
         names: set[str] = set()
-        for t in config[key]:
-            where = f"{kind} {t['name']!r}"
-            if t["name"] in names:
+        for t in tensors:
+            if not t.name:
+                raise ValueError(f"an {kind} of the config has no name")
+            where = f"{kind} {t.name!r}"
+            if t.name in names:
                 raise ValueError(f"{where} is listed twice")
-            names.add(t["name"])
-            _validate_shape(where, t["dims"], t.get("reshape"))
+            names.add(t.name)
+            if t.data_type == triton_config.DataType.Value("TYPE_INVALID"):
+                raise ValueError(f"{where} has no data_type")
+            reshape = list(t.reshape.shape) if t.HasField("reshape") else None
+            _validate_shape(where, list(t.dims), reshape)
 
 
 def _validate_shape(where: str, dims: list[int], reshape: list[int] | None) -> None:
     """Triton's rule: every dim is -1 or positive; ``reshape`` holds as many elements as ``dims``,
     each run of fixed dims between two -1 on one side matching its run on the other."""
+    if not dims:
+        raise ValueError(f"{where}: dims must not be empty (a scalar is dims: [ 1 ] with reshape)")
     for field, shape in (("dims", dims), ("reshape", reshape or [])):
         bad = next((d for d in shape if d < 1 and d != -1), None)
         if bad is not None:

@@ -19,7 +19,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from normport import export
-from normport.export.repository import build_config, format_config, write_model
+from normport.export import triton_config
+from normport.export.repository import build_config, write_model
 from normport.models import zoo
 
 __all__ = ["BROKEN", "DATATYPES", "ZOO", "build_repository", "reference_run"]
@@ -177,7 +178,7 @@ def _broken(root: Path) -> None:
     model = identity(TensorProto.FLOAT)
     config = build_config("broken_mismatch", identity(TensorProto.INT64), max_batch_size=MAX_BATCH)
     _write_version(root, "broken_mismatch", "1", model)
-    (root / "broken_mismatch" / "config.pbtxt").write_text(format_config(config))
+    (root / "broken_mismatch" / "config.pbtxt").write_text(triton_config.to_text(config))
 
 
 def build_repository(root: Path, *, with_zoo: bool = True) -> Path:

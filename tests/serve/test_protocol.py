@@ -9,11 +9,12 @@ from pathlib import Path
 import onnx
 import pytest
 import tritonclient.http as triton
+from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException
 
-from normport.export.repository import read_config
 from normport.runtime.serve.app import EXTENSIONS
 from tests.serve.repo import BROKEN, DATATYPES, ZOO
+from tests.triton_schema import as_dict, read_config, schema
 
 READY_MODELS = [*ZOO, *(f"t_{d.lower()}" for d in DATATYPES), "pair", "scalar", "nobatch",
                 "versioned", "external_ok"]  # fmt: skip
@@ -77,12 +78,21 @@ def test_metadata_matches_graph_and_config(client, repo_root: Path, model: str) 
 
 
 def test_config_is_the_json_form_of_config_pbtxt(client, repo_root: Path) -> None:
-    config = client.get_model_config("cnn_bn")
-    pbtxt = read_config(repo_root / "cnn_bn")
-    assert config["max_batch_size"] == 64
-    assert config["input"] == [{"name": "image", "data_type": "TYPE_FP32", "dims": [3, -1, -1]}]
-    assert config["dynamic_batching"] == pbtxt["dynamic_batching"]
-    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+    """Triton's schema reads the served JSON back into the message config.pbtxt holds, plus
+    what is implied (backend, version policy, one instance, the model file)."""
+    served = client.get_model_config("cnn_bn")
+    message = json_format.ParseDict(served, schema().ModelConfig())  # every field is Triton's
+    assert as_dict(message) == read_config(repo_root / "cnn_bn")
+    assert served["max_batch_size"] == 64
+    image = served["input"][0]
+    assert (image["name"], image["data_type"]) == ("image", "TYPE_FP32")
+    assert image["dims"] == [3, -1, -1]  # int64 fields as JSON numbers, as Triton serves them
+    assert served["dynamic_batching"]["preferred_batch_size"] == [16, 32, 64]
+    assert served["backend"] == "onnxruntime"
+    assert served["version_policy"] == {"all": {}}
+    (group,) = served["instance_group"]
+    assert (group["name"], group["kind"], group["count"]) == ("cnn_bn", "KIND_CPU", 1)
+    assert served["default_model_filename"] == "model.onnx"
     assert "dynamic_batching" not in client.get_model_config("nobatch")
     scalar = client.get_model_config("scalar")["input"][0]
     assert scalar["dims"] == [1] and scalar["reshape"] == {"shape": []}

@@ -22,6 +22,7 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
+from normport.export import triton_config
 from normport.export.repository import build_config, write_model
 from normport.runtime.serve.probe import Job, Probed, ProbeFailed, probe_all
 from tests.serve.repo import affine, export_zoo
@@ -55,9 +56,10 @@ def _crashing_model() -> onnx.ModelProto:
 
 
 def _job(root: Path, name: str) -> Job:
-    from normport.export.repository import read_config
+    from normport.export import triton_config
 
-    return Job(os.fspath(root / name / "1" / "model.onnx"), read_config(root / name), "1", 1)
+    config = triton_config.read(root / name)
+    return Job(os.fspath(root / name / "1" / "model.onnx"), config, "1", 1)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_a_probe_that_overruns_its_time_is_killed(repository: Path) -> None:
 def test_a_config_the_graph_contradicts_is_reported_by_the_probe(tmp_path: Path) -> None:
     model = affine(1.0, ["batch", 4])
     config = build_config("m", model, max_batch_size=8)
-    config["inputs"][0]["data_type"] = "TYPE_INT64"
+    config.input[0].data_type = triton_config.DataType.Value("TYPE_INT64")
     path = tmp_path / "model.onnx"
     onnx.save(model, os.fspath(path))
     (result,) = probe_all([Job(os.fspath(path), config, "1")])
