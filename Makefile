@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) -m runtime.serve.bench --out reports/bench/serve.json
 	$(PY) -m tests.serve.soak --threads $(THREADS) --out reports/bench/soak.json
 	$(PY) -m tests.thirdparty.export_time --out reports/bench/export_time.json
+	$(PY) -m benchmarks.startup --out reports/bench/startup.json
 
 # Serves model_repository/ on 127.0.0.1:8000, exporting it first when it is missing.
 serve: $(STAMP)

@@ -193,6 +193,7 @@ def create_app(
     memory_budget: int | None = None,
     model_memory_budget: int | None = None,
     load_timeout: float = DEFAULT_LOAD_TIMEOUT_S,
+    probe_cache: str | os.PathLike | None = None,
 ) -> Starlette:
     """Load every model of ``repository`` and return the ASGI app serving them.
 
@@ -209,6 +210,8 @@ def create_app(
         model_memory_budget: each model's budget unless its config sets one; default
             ``memory_budget``.
         load_timeout: seconds each model may take to load in its probe process.
+        probe_cache: folder of kept probe results, so that a restart skips the probes of
+            unchanged models (:mod:`runtime.serve.probe_cache`); None: probe every model.
 
     Raises:
         ValueError: ``repository`` is not a folder, or a bad option.
@@ -235,6 +238,7 @@ def create_app(
         metrics=metrics,
         model_memory_budget=model_memory_budget or memory_budget,
         load_timeout=load_timeout,
+        probe_cache=probe_cache,
     )
     server = _Server(repo, metrics, max_body_bytes, strict_readiness, memory)
 

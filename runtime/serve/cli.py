@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from normport.runtime.serve import argtypes
 from normport.runtime.serve.admission import format_bytes
@@ -27,6 +28,7 @@ from normport.runtime.serve.app import create_app
 from normport.runtime.serve.body import DEFAULT_MAX_BODY_BYTES
 from normport.runtime.serve.limits import FD_RESERVE, HttpLimits, connection_cap, raise_fd_limit
 from normport.runtime.serve.probe import DEFAULT_TIMEOUT_S as DEFAULT_LOAD_TIMEOUT_S
+from normport.runtime.serve.probe_cache import default_folder
 from normport.runtime.serve.repository import default_memory_budget
 from normport.runtime.serve.server import Server, serve_until_signalled, uvicorn_config
 
@@ -151,6 +153,16 @@ def _add_memory(p: argparse.ArgumentParser) -> None:
         help="seconds each model may take to load and calibrate in its probe process, else "
         "it is UNAVAILABLE (default: %(default)s)",
     )  # fmt: skip
+    g.add_argument(
+        "--probe-cache", type=Path, default=default_folder(), metavar="DIR",
+        help="keep each model's probe result here, keyed by its bytes, config, onnxruntime "
+        "version and settings, so that a restart skips the probes of unchanged models "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    g.add_argument(
+        "--no-probe-cache", action="store_true",
+        help="probe every model at every start, and keep nothing (default: keep)",
+    )  # fmt: skip
 
 
 def limits_from_args(args: argparse.Namespace) -> HttpLimits:
@@ -188,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             memory_budget=args.memory_budget,
             model_memory_budget=args.model_memory_budget,
             load_timeout=args.load_timeout,
+            probe_cache=None if args.no_probe_cache else args.probe_cache,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -170,6 +170,16 @@ class MemoryProfile:
             "points": [list(p) for p in self.points],
         }
 
+    @classmethod
+    def from_json(cls, doc: dict) -> MemoryProfile:
+        """The inverse of :meth:`json`."""
+        return cls(
+            Curve.from_json(doc["work"]),
+            Curve.from_json(doc["output"]),
+            int(doc["resident"]),
+            tuple(tuple(int(v) for v in p) for p in doc["points"]),
+        )
+
 
 _CGROUP_LIMITS = (
     Path("/sys/fs/cgroup/memory.max"),  # cgroup v2

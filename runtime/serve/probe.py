@@ -30,7 +30,7 @@ from normport.export import triton_config
 from normport.export.triton_config import ModelConfig
 from normport.runtime.isolation import Died, Emit, child_main, run_isolated
 
-__all__ = ["DEFAULT_TIMEOUT_S", "Job", "ProbeFailed", "Probed", "probe_all"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Job", "ProbeFailed", "Probed", "from_event", "probe_all"]
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -64,6 +64,10 @@ class Probed:
     providers: tuple[str, ...]
     profile: Any  # runtime.serve.memory.MemoryProfile (imported lazily: numpy)
 
+    def event(self) -> dict[str, Any]:
+        """The JSON form the child emits; :func:`from_event` reads it back."""
+        return {"providers": list(self.providers), "profile": self.profile.json()}
+
 
 class ProbeFailed(Exception):
     """The model failed in the child; ``str(e)`` is the reason, ready for the index."""
@@ -95,7 +99,7 @@ def _probe_share(
     results: list[Probed | ProbeFailed | None] = [None] * len(mine)
 
     def on_result(index: int, event: dict[str, Any]) -> None:
-        results[index] = ProbeFailed(event["error"]) if "error" in event else _probed(event)
+        results[index] = ProbeFailed(event["error"]) if "error" in event else from_event(event)
 
     died = run_isolated(
         "normport.runtime.serve.probe",
@@ -109,19 +113,11 @@ def _probe_share(
     return results
 
 
-def _probed(event: dict[str, Any]) -> Probed:
-    from normport.runtime.serve.memory import Curve, MemoryProfile
+def from_event(event: dict[str, Any]) -> Probed:
+    """A :class:`Probed` from the child's result event (or a kept copy of it)."""
+    from normport.runtime.serve.memory import MemoryProfile
 
-    profile = event["profile"]
-    return Probed(
-        tuple(event["providers"]),
-        MemoryProfile(
-            Curve.from_json(profile["work"]),
-            Curve.from_json(profile["output"]),
-            profile["resident"],
-            tuple(tuple(p) for p in profile["points"]),
-        ),
-    )
+    return Probed(tuple(event["providers"]), MemoryProfile.from_json(event["profile"]))
 
 
 def _death_reason(death: Died, timeout: float) -> str:

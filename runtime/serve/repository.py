@@ -54,6 +54,7 @@ from normport.runtime.serve.errors import ModelNotFound, ModelUnavailable
 from normport.runtime.serve.memory import MemoryProfile, machine_memory
 from normport.runtime.serve.metrics import Metrics, ModelMetrics
 from normport.runtime.serve.probe import DEFAULT_TIMEOUT_S, Job, Probed, ProbeFailed, probe_all
+from normport.runtime.serve.probe_cache import ProbeCache
 from normport.runtime.serve.session import Session
 from normport.runtime.serve.spec import ModelSpec
 from normport.runtime.serve.stats import ModelStats
@@ -119,6 +120,9 @@ class Repository:
         model_memory_budget: bytes, each model's budget unless its config sets one (default
             :func:`default_memory_budget`).
         load_timeout: seconds each model may take to load and calibrate in the probe.
+        probe_cache: a folder of kept probe results (:mod:`runtime.serve.probe_cache`): a
+            model probed before with the same bytes and settings loads without a probe.
+            None: every model is probed.
 
     Raises:
         ValueError: ``root`` is not a folder.
@@ -134,6 +138,7 @@ class Repository:
         metrics: Metrics | None = None,
         model_memory_budget: int | None = None,
         load_timeout: float = DEFAULT_TIMEOUT_S,
+        probe_cache: str | os.PathLike | None = None,
     ) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
@@ -151,7 +156,8 @@ class Repository:
         for folder in sorted(p for p in self.root.iterdir() if not p.name.startswith(".")):
             if folder.is_dir():
                 self.models[folder.name] = self._scan_model(folder, pending)
-        probed = probe_all([p.job for p in pending], timeout=load_timeout)
+        cache = None if probe_cache is None else ProbeCache(probe_cache)
+        probed = _probe(pending, load_timeout, cache)
         for p, result in zip(pending, probed, strict=True):
             self.models[p.spec.name][p.spec.version] = self._load_version(p, result)
 
@@ -310,6 +316,24 @@ class _Pending:
     path: Path
     memory_budget: int
     job: Job
+
+
+def _probe(
+    pending: list[_Pending], timeout: float, cache: ProbeCache | None
+) -> list[Probed | ProbeFailed]:
+    """Every pending version's probe result: kept ones from ``cache``, the others probed (and
+    kept when they succeed)."""
+    keys = [cache.key(p.job) if cache else "" for p in pending]
+    results: list[Probed | ProbeFailed | None] = [cache.load(k) if cache else None for k in keys]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        log.info("probing %d model version(s) (%d kept)", len(todo), len(pending) - len(todo))
+        found = probe_all([pending[i].job for i in todo], timeout=timeout)
+        for i, result in zip(todo, found, strict=True):
+            results[i] = result
+            if cache is not None and isinstance(result, Probed):
+                cache.store(keys[i], result)
+    return [r for r in results if r is not None]
 
 
 def default_memory_budget() -> int:

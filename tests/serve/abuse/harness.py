@@ -100,6 +100,7 @@ class CliServer:
         workdir: Path,
         flags: dict[str, Any],
         rlimit_nofile: tuple[int, int] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.port_file = workdir / "port"
@@ -113,7 +114,9 @@ class CliServer:
         else:
             command = [sys.executable, "-c", _LAUNCH, *map(str, rlimit_nofile), *argv]
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=self._log)
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, stdout=self._log, stderr=self._log, env=env
+        )
         self._port: int | None = None
 
     @property
