@@ -25,7 +25,7 @@ _LAZY = {
     "OpsetError": "_opset",
     "batch_mates": "",
     "save": "_save",
-    "state_names": "_lower",
+    "state_names": "train_graph",
     "to_onnx": "api",
     "to_onnx_opsets": "api",
 }
@@ -44,7 +44,6 @@ __all__ = [
 
 if TYPE_CHECKING:
     from normport.export import batch_mates
-    from normport.export._lower import state_names
     from normport.export._opset import OpsetError
     from normport.export._save import save
     from normport.export.api import (
@@ -54,6 +53,7 @@ if TYPE_CHECKING:
         to_onnx,
         to_onnx_opsets,
     )
+    from normport.export.train_graph import state_names
 
 
 def __getattr__(name: str) -> Any:

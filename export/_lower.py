@@ -1,18 +1,7 @@
 """Replace every placeholder node by its lowering, and expose training state as graph I/O.
 
-Training graphs: each layer that updates running statistics reads them from graph inputs that
-default to the exported values (initializers that are also inputs) and returns the updated
-values as graph outputs, so a caller can feed them back step after step:
-
-==========================================  ===========================================
-graph input (default: exported value)       graph output (after this step)
-==========================================  ===========================================
-``<path>.running_mean``                     ``<path>.running_mean.next``
-``<path>.running_var``                      ``<path>.running_var.next``
-``<path>.num_batches_tracked`` (int64 [])   ``<path>.num_batches_tracked.next``
-==========================================  ===========================================
-
-``<path>`` is the layer's module path in the exported model (e.g. ``features.0.1``).
+Training graphs expose each stateful layer's running statistics as graph inputs and ``.next``
+outputs: the contract is :mod:`export.train_graph`.
 """
 
 from __future__ import annotations
@@ -23,16 +12,9 @@ from onnx import helper, numpy_helper
 from normport.export._emit import FUNCTION_DOMAIN, Emitter, Inputs
 from normport.export._placeholder import DOMAIN, TENSOR_NAMES, LayerSpec
 from normport.export.lowerings import lowering_for
+from normport.export.train_graph import state_names
 
-__all__ = ["STATE_NAMES", "lower", "state_names"]
-
-STATE_NAMES = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def state_names(path: str) -> list[tuple[str, str]]:
-    """``(input, output)`` names of one layer's running statistics in a training graph."""
-    prefix = f"{path}." if path else ""
-    return [(f"{prefix}{s}", f"{prefix}{s}.next") for s in STATE_NAMES]
+__all__ = ["lower"]
 
 
 def _spec(node: onnx.NodeProto) -> LayerSpec:

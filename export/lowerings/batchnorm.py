@@ -24,6 +24,7 @@ from normport.export.lowerings._stats import (
     running_update,
 )
 from normport.export.lowerings.eps_outside import lower_eps_outside
+from normport.export.train_graph import TrainFunction
 
 __all__ = ["batch_stats_function", "lower_batchnorm"]
 
@@ -88,7 +89,7 @@ def lower_batch_stats(
         mode = momentum_mode(spec.momentum, instance=instance)
         fn = batch_stats_function(
             em,
-            _variant(base + "Train", mode),
+            TrainFunction(_variant(base + "Train", mode)),
             momentum=mode,
             counts=not instance,
             instance=instance,

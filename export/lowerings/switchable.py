@@ -19,6 +19,7 @@ from normport.export.lowerings._stats import (
     momentum_mode,
     running_update,
 )
+from normport.export.train_graph import TrainFunction
 
 
 def _total_var(b: Body, mean_in: str, var_in: str, axis: int) -> tuple[str, str]:
@@ -47,7 +48,7 @@ def _mix(b: Body, logits: str, stats: list[str]) -> str:
     return out
 
 
-def _function(em: Emitter, momentum: str | None, batch_stats: bool):
+def switchable_function(em: Emitter, momentum: str | None, batch_stats: bool):
     b = em.body()
     x = b.to_compute("X")
     xr = b.tmp("xr")
@@ -87,7 +88,8 @@ def _function(em: Emitter, momentum: str | None, batch_stats: bool):
         b(f"mean_flat = Reshape ({mean_bn}, {flat})")
         b(f"var_flat = Reshape ({var_bn}, {flat})")
         running_update(b, "mean_flat", "var_flat", n, momentum=momentum, counts=True)
-        name += "Train" + ("Cumulative" if momentum == "cumulative" else "")
+        train = TrainFunction.SWITCHABLE
+        name = TrainFunction.SWITCHABLE_CUMULATIVE if momentum == "cumulative" else train
         attrs += ["momentum"] if momentum == "attr" else []
         inputs[3:3] = list(STAT_INPUTS)
         outputs += list(STAT_OUTPUTS)
@@ -104,7 +106,7 @@ def lower_switchable(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str])
         raise ValueError(f"cannot export {spec.path!r} ({spec.cls}) on a {spec.rank}D input")
     scale, bias = affine_inputs(em, spec, ins)
     mode = momentum_mode(spec.momentum) if spec.update_stats else None
-    fn = _function(em, mode, spec.batch_stats)
+    fn = switchable_function(em, mode, spec.batch_stats)
     attrs = {"epsilon": spec.eps, "channel_shape": [spec.channels] + [1] * (spec.rank - 2)}
     head = [ins.x, scale, bias]
     tail = [ins.mean_weight, ins.var_weight]

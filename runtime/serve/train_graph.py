@@ -1,7 +1,8 @@
 """Refuse training graphs: what they are, why they cannot be served, what to do instead.
 
-A training export (``python -m export --mode train``) computes batch statistics and returns the
-updated running statistics: for each stateful layer at ``<path>``, the inputs
+A training export (``python -m export --mode train``; the contract is :mod:`export.train_graph`)
+computes batch statistics and returns the updated running statistics: for each stateful layer
+at ``<path>``, the inputs
 ``<path>.running_mean`` / ``.running_var`` / ``.num_batches_tracked`` and the outputs
 ``<path>.running_mean.next`` / ...; its ``metadata_props`` say ``mode=train``.  Served, each
 response would carry statistics nobody feeds back, and requests batched together would
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import onnx
 
+from normport.export.train_graph import MODE_KEY, state_pairs
+
 __all__ = ["SHOWN", "TrainGraphError", "check_not_train", "train_graph_reason"]
 
 SHOWN = 3  # state names quoted in the reason; the count says how many there are
-_STATE = ("running_mean", "running_var", "num_batches_tracked")
 _MAX_NAME = 80
 
 
@@ -27,18 +29,6 @@ class TrainGraphError(ValueError):
 
 def _clip(name: str) -> str:
     return name if len(name) <= _MAX_NAME else name[:_MAX_NAME] + "..."
-
-
-def _state_pairs(graph: onnx.GraphProto) -> list[tuple[str, str]]:
-    """``(<path>.<stat>, <path>.<stat>.next)`` pairs that are a graph input and a graph output."""
-    inputs = {v.name for v in graph.input}
-    return [
-        (o.name[: -len(".next")], o.name)
-        for o in graph.output
-        if o.name.endswith(".next")
-        and o.name[: -len(".next")] in inputs
-        and o.name[: -len(".next")].rsplit(".", 1)[-1] in _STATE
-    ]
 
 
 def _names(names: list[str]) -> str:
@@ -52,8 +42,8 @@ def train_graph_reason(model: onnx.ModelProto) -> str | None:
     A training graph: ``metadata_props`` ``mode`` is ``train``, or a graph output
     ``<path>.<stat>.next`` pairs with a graph input ``<path>.<stat>`` (a running statistic).
     """
-    mode = next((p.value for p in model.metadata_props if p.key == "mode"), None)
-    pairs = _state_pairs(model.graph)
+    mode = next((p.value for p in model.metadata_props if p.key == MODE_KEY), None)
+    pairs = state_pairs(model)
     if mode != "train" and not pairs:
         return None
     found = ["metadata mode=train"] if mode == "train" else []

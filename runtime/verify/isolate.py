@@ -5,7 +5,7 @@ onnxruntime can kill the process that creates a session or runs a graph (a float
 creation).  Before verify runs a subject's cells in its own process, :func:`probe` writes each
 of the subject's models and its first feeds to a temporary folder and starts
 ``python -m runtime.verify.isolate``, which creates a session for each model (the options of
-:func:`runtime._recalibration_feeds.session`) and runs it once, reporting each stage on a pipe
+:func:`runtime.sessions.cpu_session`) and runs it once, reporting each stage on a pipe
 of its own (one JSON line per event; the child's stdout goes to stderr, so nothing a library
 prints corrupts the protocol).  A model whose stage kills the child (a signal, an exit status)
 or overruns ``timeout`` is reported with that stage; a fresh child takes the models after it.
@@ -86,16 +86,13 @@ def _save(path: Path, feeds: Mapping[str, Any]) -> None:
 
 def _child(jobs: list[dict[str, Any]], emit: Emit) -> None:
     import numpy as np
-    import onnxruntime as ort
+
+    from normport.runtime.sessions import cpu_session
 
     for i, job in enumerate(jobs):
         emit(job=i, stage=_CREATE)
         try:
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            sess = ort.InferenceSession(job["model"], options, providers=["CPUExecutionProvider"])
+            sess = cpu_session(job["model"])
             emit(job=i, stage=_RUN)
             names = json.loads(Path(job["feeds"]).with_suffix(".json").read_text())
             with np.load(job["feeds"]) as arrays:

@@ -43,8 +43,9 @@ from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNot
 from torch import Tensor, nn
 
 from normport.export.outputs import named_leaves
-from normport.runtime._recalibration_feeds import session, state_pairs
+from normport.export.train_graph import state_pairs
 from normport.runtime.recalibration import recalibrate
+from normport.runtime.sessions import cpu_session
 from normport.runtime.verify._reference import reference
 from normport.runtime.verify.randomness import train_mode
 from normport.runtime.verify.subjects import Subject
@@ -232,7 +233,7 @@ class SessionError(Exception):
 
 def _open(model: onnx.ModelProto, runtime: str):
     try:
-        return session(model) if runtime == "onnxruntime" else reference(model)
+        return cpu_session(model) if runtime == "onnxruntime" else reference(model)
     except Exception as err:
         raise SessionError(f"{runtime} could not create a session") from err
 

@@ -184,7 +184,7 @@ def test_runtime_that_cannot_run_a_cell_is_skipped_not_passed(monkeypatch):
     def refuse(model, **_):
         raise OrtNotImplemented("Could not find an implementation for Foo(23) node")
 
-    monkeypatch.setattr(parity, "session", refuse)
+    monkeypatch.setattr(parity, "cpu_session", refuse)
     subject = subjects.get("LayerNorm")
     cells = parity.run_subject(subject, [23], dtypes=["float16"], modes=["eval"])
     by_runtime = {c.runtime: c for c in cells}

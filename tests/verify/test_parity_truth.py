@@ -202,7 +202,7 @@ def test_dict_outputs_are_compared_leaf_by_leaf_in_every_mode():
     x = torch.randn(3, 3, 6, 6)
     with torch.no_grad():
         want = module(x)
-    got = dict(zip([o.name for o in model.graph.output], parity.session(model).run(None, {
+    got = dict(zip([o.name for o in model.graph.output], parity.cpu_session(model).run(None, {
         "x": x.numpy()}), strict=True))  # fmt: skip
     np.testing.assert_allclose(got["aux.0"], want["aux"][0].numpy(), atol=1e-5, rtol=1e-5)
 
@@ -285,7 +285,7 @@ def test_a_session_that_cannot_be_created_is_an_error(monkeypatch):
     def refuse(model, **_):
         raise OrtFail("[ONNXRuntimeError] : 1 : FAIL : Load model failed\nmore detail")
 
-    monkeypatch.setattr(parity, "session", refuse)
+    monkeypatch.setattr(parity, "cpu_session", refuse)
     cells = _by_id(_verify("make_tuple_model", modes=["eval", "train"]).cells)
     for key in ("eval/onnxruntime/float32/opset23", "train/onnxruntime/float32/opset23"):
         assert cells[key].status == "error"
@@ -294,7 +294,7 @@ def test_a_session_that_cannot_be_created_is_an_error(monkeypatch):
 
 
 def test_a_graph_that_fails_to_run_is_an_error_and_a_wrong_number_still_fails(monkeypatch):
-    real = parity.session
+    real = parity.cpu_session
 
     class Broken:
         def __init__(self, model) -> None:
@@ -303,7 +303,7 @@ def test_a_graph_that_fails_to_run_is_an_error_and_a_wrong_number_still_fails(mo
         def run(self, names, feeds):
             raise OrtRuntimeException("Non-zero status code returned while running Add node")
 
-    monkeypatch.setattr(parity, "session", lambda model, **_: Broken(model))
+    monkeypatch.setattr(parity, "cpu_session", lambda model, **_: Broken(model))
     (cell,) = [
         c for c in _verify("make_tuple_model", modes=["eval"]).cells if c.runtime == "onnxruntime"
     ]
@@ -317,7 +317,7 @@ def test_a_graph_that_fails_to_run_is_an_error_and_a_wrong_number_still_fails(mo
         def run(self, names, feeds):
             return [o + 1.0 for o in self.inner.run(names, feeds)]
 
-    monkeypatch.setattr(parity, "session", lambda model, **_: Off(model))
+    monkeypatch.setattr(parity, "cpu_session", lambda model, **_: Off(model))
     (cell,) = [
         c for c in _verify("make_tuple_model", modes=["eval"]).cells if c.runtime == "onnxruntime"
     ]

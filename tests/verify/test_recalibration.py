@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from normport import export, models, runtime
+from normport.export.train_graph import state_pairs
 from normport.models import zoo
 from normport.runtime import recalibration
-from normport.runtime._recalibration_feeds import session, state_pairs
+from normport.runtime.sessions import cpu_session as session
 from tests.onnx_helpers import top_level_ops
 
 STATEFUL = ("cnn_bn", "seq_bn", "style_in", "cnn_sn")

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from normport import export, models, runtime
-from normport.runtime._recalibration_feeds import session
 from normport.runtime.recalibration import RecalibrationWarning, recalibrated_statistics
+from normport.runtime.sessions import cpu_session as session
 
 SIZES = (5, 2, 7, 3)  # batch sizes, deliberately unequal
 

@@ -3,11 +3,11 @@
 :func:`recalibrate` runs a normport *training* graph over unlabeled batches in onnxruntime
 and returns the *inference* graph with the re-estimated statistics.  No PyTorch module is
 involved: the inference graph is rewritten from the training graph
-(:mod:`runtime._recalibration_rewrite`).
+(:func:`export.train_graph.to_eval`).
 
 >>> eval_model = runtime.recalibrate("cnn_bn.train.onnx", [batch0, batch1, batch2])
 
-Two methods (:mod:`runtime._recalibration_methods` has the formulas):
+Two methods (:mod:`runtime.recalibration._methods` has the formulas):
 
 - ``precise`` (default): every batch weighs the same, ``mean = (1/K) sum_k mean_k`` and
   ``var = (1/K) sum_k var_k n_k / (n_k - 1)``, whatever momentum the layers exported with;
@@ -24,7 +24,7 @@ rank or size, naming the batch and input); nothing is returned, and the CLI writ
 when a batch is refused.  Train-mode ``Dropout`` stays active during the passes (as under
 ``model.train()``) and becomes the identity in the returned graph.
 
-Command line: ``python -m runtime recalibrate --help`` (:mod:`runtime._recalibration_cli`).
+Command line: ``python -m runtime recalibrate --help`` (:mod:`runtime.recalibration._cli`).
 """
 
 from __future__ import annotations
@@ -38,22 +38,17 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from normport.runtime._recalibration_feeds import (
-    batch_feeds,
-    data_inputs,
-    initial_state,
-    session,
-    state_pairs,
-)
-from normport.runtime._recalibration_methods import (
-    METHODS,
+from normport.export.train_graph import (
+    NEXT_SUFFIX,
     StatefulLayer,
-    ema_reset_warning,
     per_batch_form,
-    precise_statistics,
+    state_pairs,
     stateful_layers,
+    to_eval,
 )
-from normport.runtime._recalibration_rewrite import to_eval
+from normport.runtime.recalibration._feeds import batch_feeds, data_inputs, initial_state
+from normport.runtime.recalibration._methods import METHODS, ema_reset_warning, precise_statistics
+from normport.runtime.sessions import cpu_session
 
 __all__ = [
     "METHODS",
@@ -183,11 +178,11 @@ def recalibrated_statistics(
     state = initial_state(train_model)
     if precise or reset_stats:
         state = _reset(state)
-    sess = session(per_batch_form(train_model) if precise else train_model, threads=threads)
+    sess = cpu_session(per_batch_form(train_model) if precise else train_model, threads=threads)
     names = list(state)
     sums = {n: np.zeros(v.shape, np.float64) for n, v in state.items()}
     for i, batch in enumerate(feeds):
-        values = sess.run([n + ".next" for n in names], {**batch, **state})
+        values = sess.run([n + NEXT_SUFFIX for n in names], {**batch, **state})
         state = dict(zip(names, values, strict=True))
         _check_finite(layers, state, batch, i)
         for n in names:
@@ -255,7 +250,7 @@ def recalibrate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m runtime recalibrate``: see :mod:`runtime._recalibration_cli`."""
-    from normport.runtime._recalibration_cli import main as cli_main
+    """``python -m runtime recalibrate``: see :mod:`runtime.recalibration._cli`."""
+    from normport.runtime.recalibration._cli import main as cli_main
 
     return cli_main(argv)

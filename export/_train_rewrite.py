@@ -1,4 +1,7 @@
-"""A normport training graph -> the inference graph, with given running statistics.
+"""The rewrites of :mod:`export.train_graph`: a training graph to its inference graph with
+given running statistics (:func:`to_eval`), or to its per-batch form (:func:`per_batch_form`).
+
+:func:`to_eval`.
 
 Every training call of a layer with running statistics is replaced by exactly what
 :func:`export.to_onnx` emits for that layer in eval mode (the lowerings of
@@ -16,7 +19,7 @@ training call (domain ``normport``)        inference form (``export.lowerings``)
 
 Every other node computes the same in both modes (LayerNormalization, the GroupNorm and
 RMSNorm functions, ``*BatchStats`` for layers without running statistics, ...) and is kept.  The
-table is keyed by function name: a training function not in it raises, naming the node.
+table is keyed by :class:`TrainFunction`: a training function not in it raises, naming the node.
 """
 
 from __future__ import annotations
@@ -31,35 +34,36 @@ from normport.export._emit import FUNCTION_DOMAIN, Emitter, Inputs
 from normport.export._finalize import finalize
 from normport.export._placeholder import LayerSpec
 from normport.export.lowerings import lowering_for
-from normport.runtime._recalibration_feeds import state_pairs
+from normport.export.lowerings.batchnorm import batch_stats_function
+from normport.export.lowerings.switchable import switchable_function
+from normport.export.train_graph import (
+    MODE_KEY,
+    STATE_NAMES,
+    StatefulLayer,
+    TrainFunction,
+    layer_path,
+    state_pairs,
+)
 
-__all__ = ["REWRITES", "to_eval"]
+__all__ = ["REWRITES", "per_batch_form", "stateful_layers", "to_eval"]
 
-_RUNNING_MEAN = "running_mean"
-_REQUIRED_METADATA = ("normport_version", "opset", "mode")
+_REQUIRED_METADATA = ("normport_version", "opset", MODE_KEY)
+_FLOAT_TYPES = (
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _path(node: onnx.NodeProto) -> str:
-    """The layer's module path, from its ``<path>.running_mean`` input (see export._lower)."""
-    name = node.input[3]
-    if name == _RUNNING_MEAN:
-        return ""
-    if not name.endswith("." + _RUNNING_MEAN):
-        raise ValueError(
-            f"node {node.name!r} ({node.op_type}): input 3 should be '<path>.running_mean', "
-            f"got {name!r}; is this a normport training export?"
-        )
-    return name[: -len("." + _RUNNING_MEAN)]
-
-
 def _spec(kind: str, cls: str, node: onnx.NodeProto, rank: int, channels: int) -> LayerSpec:
     return LayerSpec(
         kind=kind,
-        path=_path(node),
+        path=layer_path(node),
         cls=cls,
         rank=rank,
         channels=channels,
@@ -109,14 +113,12 @@ def _switchable(em: Emitter, node: onnx.NodeProto) -> None:
 
 Rewrite = Callable[[Emitter, onnx.NodeProto], None]
 
-REWRITES: dict[str, Rewrite] = {
-    "BatchNormTrain": _batchnorm,
-    "BatchNormTrainCumulative": _batchnorm,
-    "InstanceNormTrain": _instancenorm,
-    "InstanceNormTrainFrozen": _instancenorm,
-    "SwitchableNormTrain": _switchable,
-    "SwitchableNormTrainCumulative": _switchable,
+_BY_KIND: dict[str, Rewrite] = {
+    "batchnorm": _batchnorm,
+    "instancenorm": _instancenorm,
+    "switchable": _switchable,
 }
+REWRITES: dict[str, Rewrite] = {f.value: _BY_KIND[f.kind] for f in TrainFunction}
 
 
 def _dropout_to_identity(node: onnx.NodeProto, consumed: set[str]) -> onnx.NodeProto:
@@ -165,12 +167,12 @@ def _used_functions(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> set[
 def _metadata(model: onnx.ModelProto, batches: int, method: str | None) -> dict[str, str]:
     metadata = {p.key: p.value for p in model.metadata_props}
     missing = [k for k in _REQUIRED_METADATA if k not in metadata]
-    if missing or metadata["mode"] != "train":
+    if missing or metadata[MODE_KEY] != "train":
         raise ValueError(
-            "not a normport training export: expected metadata mode='train' (got "
-            f"{metadata.get('mode')!r}); missing keys {missing}"
+            f"not a normport training export: expected metadata {MODE_KEY}='train' (got "
+            f"{metadata.get(MODE_KEY)!r}); missing keys {missing}"
         )
-    metadata["mode"] = "eval"
+    metadata[MODE_KEY] = "eval"
     # The hash was taken over the PyTorch state_dict; the statistics are no longer that state.
     if "weights_sha256" in metadata:
         metadata["recalibrated_from_weights_sha256"] = metadata.pop("weights_sha256")
@@ -187,19 +189,7 @@ def to_eval(
     batches: int,
     method: str | None = None,
 ) -> onnx.ModelProto:
-    """The inference graph of ``train_model`` with ``statistics`` as its running statistics.
-
-    Args:
-        train_model: a normport training export (``export.to_onnx(..., mode="train")``, not
-            inlined: the rewrite finds the layers by their function calls).
-        statistics: a value for every state input (``<path>.running_mean``, ...).
-        batches: how many batches produced them (recorded in the metadata).
-        method: how they were estimated (``precise`` / ``ema``; recorded if given).
-
-    Raises:
-        ValueError: not a normport training graph, missing statistics, or a node with no
-            inference rewrite (named).
-    """
+    """See :func:`export.train_graph.to_eval`."""
     model = onnx.ModelProto()
     model.CopyFrom(train_model)
     graph = model.graph
@@ -216,7 +206,7 @@ def to_eval(
             name,
         )
         old.CopyFrom(new)
-    running_mean = next((initializers[n] for n, _ in pairs if n.endswith(_RUNNING_MEAN)), None)
+    running_mean = next((initializers[n] for n, _ in pairs if n.endswith(STATE_NAMES[0])), None)
     elem_type = running_mean.data_type if running_mean is not None else onnx.TensorProto.FLOAT
     taken = {t.name for t in graph.initializer} | {v.name for v in graph.input}
     taken |= {v.name for v in graph.output} | {n.name for n in graph.node}
@@ -273,3 +263,60 @@ def to_eval(
         model.ClearField("opset_import")
         model.opset_import.extend(kept)
     return finalize(model, metadata)
+
+
+def stateful_layers(model: onnx.ModelProto) -> list[StatefulLayer]:
+    """See :func:`export.train_graph.stateful_layers`."""
+    layers = []
+    for node in model.graph.node:
+        if node.domain != FUNCTION_DOMAIN or node.op_type not in REWRITES:
+            continue
+        call = TrainFunction(node.op_type)
+        if call is TrainFunction.INSTANCENORM_FROZEN:
+            momentum: float | None = 0.0
+        elif call.value.endswith("Cumulative"):
+            momentum = None
+        else:
+            momentum = float(_attrs(node)["momentum"])
+        state = (node.input[3], node.input[4], node.input[5])
+        layers.append(StatefulLayer(layer_path(node), call, momentum, state))
+    return layers
+
+
+def _elem_type(model: onnx.ModelProto) -> int:
+    """The activation type the export used: its first floating graph input's (export.api)."""
+    for value in model.graph.input:
+        elem = value.type.tensor_type.elem_type
+        if elem in _FLOAT_TYPES and not value.name.endswith(STATE_NAMES[:2]):
+            return elem
+    return onnx.TensorProto.FLOAT
+
+
+def _momentum_function(em: Emitter, call: TrainFunction) -> onnx.FunctionProto:
+    if call is TrainFunction.SWITCHABLE:
+        return switchable_function(em, "attr", False)
+    instance = call is TrainFunction.INSTANCENORM
+    return batch_stats_function(em, call, momentum="attr", counts=not instance, instance=instance)
+
+
+def per_batch_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    """See :func:`export.train_graph.per_batch_form`: each call becomes its momentum form with
+    ``momentum=1.0`` at the call site; a function the model does not define yet is emitted as
+    :mod:`export.lowerings` would for that layer."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
+    em = Emitter(opset, _elem_type(out), taken=set())
+    defined = {f.name for f in out.functions}
+    for node in out.graph.node:
+        if node.domain != FUNCTION_DOMAIN or node.op_type not in REWRITES:
+            continue
+        target = TrainFunction(node.op_type).momentum_form
+        if target not in defined:
+            out.functions.append(_momentum_function(em, target))
+            defined.add(target)
+        node.op_type = target
+        kept = [a for a in node.attribute if a.name != "momentum"]
+        node.ClearField("attribute")
+        node.attribute.extend([*kept, helper.make_attribute("momentum", 1.0)])
+    return out

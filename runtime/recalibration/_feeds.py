@@ -1,9 +1,9 @@
-"""Feeding a normport training graph in onnxruntime: sessions, state names, checked batches.
+"""Feeding a normport training graph in onnxruntime: its state, its data inputs, checked batches.
 
-A training graph (see :mod:`export._lower`) takes the data inputs first, then for each stateful
-layer ``<path>.running_mean``, ``<path>.running_var`` and ``<path>.num_batches_tracked``
-(initializers that are also inputs), and returns the data outputs, then the same names with
-``.next``.  :func:`state_pairs` finds those pairs from the graph alone.
+A training graph (the contract: :mod:`export.train_graph`) takes the data inputs first, then
+for each stateful layer ``<path>.running_mean``, ``<path>.running_var`` and
+``<path>.num_batches_tracked`` (initializers that are also inputs), and returns the data
+outputs, then the same names with ``.next``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
+
+from normport.export.train_graph import state_pairs
 
 __all__ = [
     "GraphInput",
@@ -22,28 +23,7 @@ __all__ = [
     "check_names",
     "data_inputs",
     "initial_state",
-    "session",
-    "state_pairs",
 ]
-
-NEXT = ".next"
-
-
-def session(model: onnx.ModelProto, *, threads: int = 1) -> ort.InferenceSession:
-    """A CPU session; one thread by default, so results are reproducible run to run."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # initializer-backed state inputs warn by design
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-
-
-def state_pairs(model: onnx.ModelProto) -> list[tuple[str, str]]:
-    """``(input, output)`` names of the running statistics the graph carries, in input order."""
-    outputs = {o.name for o in model.graph.output}
-    return [(i.name, i.name + NEXT) for i in model.graph.input if i.name + NEXT in outputs]
 
 
 def initial_state(model: onnx.ModelProto) -> dict[str, np.ndarray]:

@@ -17,9 +17,10 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from normport.export import save
-from normport.runtime._recalibration_feeds import GraphInput, check_names, data_inputs
-from normport.runtime._recalibration_methods import METHODS, stateful_layers
+from normport.export.train_graph import stateful_layers
 from normport.runtime.recalibration import RecalibrationWarning, load_model, recalibrate
+from normport.runtime.recalibration._feeds import GraphInput, check_names, data_inputs
+from normport.runtime.recalibration._methods import METHODS
 
 __all__ = ["load_batches", "main"]
 
