@@ -1,7 +1,10 @@
 """``config.pbtxt``: Triton's own ``ModelConfig`` schema, read and written with protobuf.
 
 The schema is Triton Inference Server's ``model_config.proto`` (message
-``inference.ModelConfig``), compiled in :mod:`export._model_config_pb2`.  Text goes through
+``inference.ModelConfig``): ``model_config.binpb`` beside this module is its compiled
+``FileDescriptorProto`` (``protoc --descriptor_set_out``; the descriptor tritonclient 2.73.0
+ships in ``tritonclient/grpc/model_config_pb2.py``, BSD-3-Clause, NVIDIA), loaded into
+protobuf's default pool at import.  Text goes through
 protobuf's ``text_format`` in both directions and the served JSON through ``json_format``, so
 what normport writes is what Triton reads, field for field:
 
@@ -40,10 +43,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import descriptor_pool, json_format, text_format
+from google.protobuf import descriptor_pool, json_format, message_factory, text_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-
-from normport.export import _model_config_pb2 as _pb
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 __all__ = [
     "CONFIG_NAME",
@@ -77,10 +79,13 @@ MIN_SHAPE = "normport.min_shape."  # + an input's name: ... of its minima
 MEMORY_BUDGET = "normport.memory_budget"
 NORMPORT_KEYS = (MEMORY_BUDGET,)  # the model-wide normport keys
 
-ModelConfig = _pb.ModelConfig
-ModelInput = _pb.ModelInput
-ModelOutput = _pb.ModelOutput
-DataType = _pb.DataType  # enum wrapper: DataType.Name(11) == "TYPE_FP32"
+_SCHEMA = Path(__file__).with_name("model_config.binpb")
+# The same bytes as tritonclient's: loading both into the default pool is allowed.
+_FILE = descriptor_pool.Default().AddSerializedFile(_SCHEMA.read_bytes())
+ModelConfig = message_factory.GetMessageClass(_FILE.message_types_by_name["ModelConfig"])
+ModelInput = message_factory.GetMessageClass(_FILE.message_types_by_name["ModelInput"])
+ModelOutput = message_factory.GetMessageClass(_FILE.message_types_by_name["ModelOutput"])
+DataType = EnumTypeWrapper(_FILE.enum_types_by_name["DataType"])  # DataType.Name(11): TYPE_FP32
 
 HEADER = "# Triton Inference Server model configuration (inference.ModelConfig), by normport."
 
