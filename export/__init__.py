@@ -23,6 +23,7 @@ _LAZY = {
     "MAX_OPSET": "api",
     "MIN_OPSET": "api",
     "OpsetError": "_opset",
+    "default_opset": "_opset",
     "batch_mates": "",
     "save": "_save",
     "state_names": "train_graph",
@@ -36,6 +37,7 @@ __all__ = [
     "MIN_OPSET",
     "OpsetError",
     "batch_mates",
+    "default_opset",
     "save",
     "state_names",
     "to_onnx",
@@ -44,7 +46,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from normport.export import batch_mates
-    from normport.export._opset import OpsetError
+    from normport.export._opset import OpsetError, default_opset
     from normport.export._save import save
     from normport.export.api import (
         DEFAULT_OPSET,

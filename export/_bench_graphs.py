@@ -29,6 +29,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
+from normport.export._opset import default_opset
 from normport.models.bench.timing import Step
 
 __all__ = [
@@ -71,7 +72,7 @@ def ort_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
 
 def model_opset(model: onnx.ModelProto) -> int:
     """The default-domain opset a file actually imports."""
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return default_opset(model)
 
 
 def _op_name(node: onnx.NodeProto) -> str:

@@ -47,7 +47,15 @@ class _ConverterFailed(Exception):
 
 
 def default_opset(model: onnx.ModelProto) -> int:
-    return next(o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS)
+    """The version of the default (``""`` / ``ai.onnx``) domain ``model`` imports.
+
+    Raises:
+        ValueError: it imports none.
+    """
+    for entry in model.opset_import:
+        if entry.domain in _DEFAULT_DOMAINS:
+            return entry.version
+    raise ValueError("the model imports no default-domain opset")
 
 
 def _schema(op_type: str, version: int) -> defs.OpSchema | None:

@@ -32,6 +32,7 @@ from onnx import helper, numpy_helper
 
 from normport.export._emit import FUNCTION_DOMAIN, Emitter, Inputs
 from normport.export._finalize import finalize
+from normport.export._opset import default_opset
 from normport.export._placeholder import LayerSpec
 from normport.export.lowerings import lowering_for
 from normport.export.lowerings.batchnorm import batch_stats_function
@@ -211,7 +212,7 @@ def to_eval(
     taken = {t.name for t in graph.initializer} | {v.name for v in graph.input}
     taken |= {v.name for v in graph.output} | {n.name for n in graph.node}
     taken |= {o for n in graph.node for o in (*n.input, *n.output)}
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    opset = default_opset(model)
     em = Emitter(
         opset,
         elem_type,
@@ -305,7 +306,7 @@ def per_batch_form(model: onnx.ModelProto) -> onnx.ModelProto:
     :mod:`export.lowerings` would for that layer."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
+    opset = default_opset(out)
     em = Emitter(opset, _elem_type(out), taken=set())
     defined = {f.name for f in out.functions}
     for node in out.graph.node:

@@ -11,7 +11,6 @@ import inspect
 import json
 import re
 from collections.abc import Mapping, Sequence
-from importlib import metadata as importlib_metadata
 
 import onnx
 import onnx.inliner
@@ -25,6 +24,7 @@ from normport.export._lower import lower
 from normport.export._opset import convert
 from normport.export._placeholder import LayerSpec
 from normport.export._trace import Traced, trace
+from normport.export.about import version
 from normport.export.outputs import output_names as _output_names
 from normport.models.table import NORMPORT_NORMS, TORCH_NORMS
 
@@ -158,13 +158,6 @@ def _elem_type(inputs: tuple, module: nn.Module) -> int:
     return _ELEM_TYPES[dtype]
 
 
-def _version() -> str:
-    try:
-        return importlib_metadata.version("normport")
-    except importlib_metadata.PackageNotFoundError:  # running from a plain checkout
-        return "0+unknown"
-
-
 def to_onnx(
     module: nn.Module,
     example_inputs: Tensor | Sequence[Tensor],
@@ -265,7 +258,7 @@ def to_onnx_opsets(
         )
     name_nodes(traced.model)
     base = {
-        "normport_version": _version(),
+        "normport_version": version(),
         "source_class": f"{type(module).__module__}.{type(module).__qualname__}",
         "mode": mode,
         "dtype": str(dtype or next((p.dtype for p in work.parameters()), torch.float32)),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 __all__ = ["channel_shape", "check_rank", "describe_ranks"]
@@ -27,7 +25,3 @@ def check_rank(x: Tensor, ranks: tuple[int, ...]) -> None:
     """PyTorch's message: ``expected 4D input (got 3D input)``."""
     if x.dim() not in ranks:
         raise ValueError(f"expected {describe_ranks(ranks)} input (got {x.dim()}D input)")
-
-
-def prod(shape) -> int:
-    return math.prod(shape)

@@ -12,12 +12,14 @@ running ones are used, folded into one multiply-add :math:`y = x s + t`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from normport.models._base import NormBase
 from normport.models._functional import affine_from_stats, standardize
-from normport.models._shapes import channel_shape, check_rank, prod
+from normport.models._shapes import channel_shape, check_rank
 
 __all__ = [
     "BatchNorm1d",
@@ -35,7 +37,7 @@ class _BatchNorm(NormBase):
     _channel_dim = 1
 
     def _view(self, x: Tensor) -> tuple[int, int, int]:
-        return (x.shape[0], x.shape[1], prod(x.shape[2:]))
+        return (x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
     def forward(self, input: Tensor) -> Tensor:
         x = input

@@ -13,6 +13,7 @@ statistics: training and eval compute the same thing.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from normport.models._base import check_eps, check_positive_int
 from normport.models._functional import standardize
-from normport.models._shapes import channel_shape, prod
+from normport.models._shapes import channel_shape
 
 __all__ = ["GroupNorm"]
 
@@ -79,5 +80,5 @@ class GroupNorm(nn.Module):
         weight = None if self.weight is None else self.weight.view(per_channel)
         bias = None if self.bias is None else self.bias.view(per_channel)
         n, g = x.shape[0], self.num_groups
-        view = (1, n * g, (self.num_channels // g) * prod(x.shape[2:]))
+        view = (1, n * g, (self.num_channels // g) * math.prod(x.shape[2:]))
         return standardize(x, view, weight, bias, self.eps)[0]

@@ -15,11 +15,13 @@ are accepted like in torch.nn.
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from normport.models._base import NormBase
 from normport.models._functional import affine_from_stats, standardize
-from normport.models._shapes import channel_shape, check_rank, prod
+from normport.models._shapes import channel_shape, check_rank
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -57,7 +59,7 @@ class _InstanceNorm(NormBase):
             mean, var = self._running(per_channel)
             y = affine_from_stats(x, mean, var, weight, bias, self.eps)
         else:
-            n, c, spatial = x.shape[0], x.shape[1], prod(x.shape[2:])
+            n, c, spatial = x.shape[0], x.shape[1], math.prod(x.shape[2:])
             if spatial <= 1:
                 raise ValueError(
                     "Expected more than 1 spatial element when training, got input size "

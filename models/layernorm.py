@@ -23,6 +23,7 @@ beta).
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -31,7 +32,6 @@ from torch import Tensor, nn
 
 from normport.models._base import check_eps
 from normport.models._functional import standardize
-from normport.models._shapes import prod
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
@@ -58,7 +58,7 @@ class _TrailingNorm(nn.Module):
                 f"Given normalized_shape={list(self.normalized_shape)}, expected input with "
                 f"shape [*, {expected}], but got input of size {list(x.shape)}"
             )
-        inner = prod(self.normalized_shape)
+        inner = math.prod(self.normalized_shape)
         return (1, x.numel() // inner if inner else 0, inner)
 
 

@@ -159,25 +159,6 @@ def ids(cases: Sequence[LayerCase]) -> list[str]:
     return [c.id for c in cases]
 
 
-@torch.no_grad()
-def randomize(module: nn.Module, gen: torch.Generator) -> None:
-    """Random non-trivial parameters and running statistics (never gamma=1, beta=0)."""
-    for name, p in module.named_parameters():
-        values = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-        if name.endswith("weight") and name not in ("mean_weight", "var_weight"):
-            values = 1.0 + 0.5 * values
-        p.copy_(values.to(p.dtype))
-    for name, b in module.named_buffers():
-        if name.endswith("running_mean"):
-            b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64).to(b.dtype))
-        elif name.endswith("running_var"):
-            b.copy_(
-                (0.5 + 1.5 * torch.rand(b.shape, generator=gen, dtype=torch.float64)).to(b.dtype)
-            )
-        elif name.endswith("num_batches_tracked"):
-            b.fill_(3)
-
-
 def make_input(shape: Shape, gen: torch.Generator, dtype: torch.dtype, device=None) -> torch.Tensor:
     """Non-standard data: per-position offsets and scales, so statistics are far from 0 / 1."""
     x = torch.randn(shape, generator=gen, dtype=torch.float64)

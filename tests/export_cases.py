@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from normport import models
-from tests.cases import randomize
+from normport.models.randomize import randomize
 
 OPSETS = (13, 15, 17, 18, 21, 23, 28)
 

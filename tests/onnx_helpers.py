@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from normport.runtime.sessions import cpu_session as session
 
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # initializer-backed state inputs warn by design
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+__all__ = ["close", "default_opset", "session", "top_level_ops"]
 
 
 def top_level_ops(model: onnx.ModelProto) -> list[str]:

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from normport import models
-from tests.cases import TWIN_CASES, LayerCase, ids, make_input, randomize
+from normport.models.randomize import randomize
+from tests.cases import TWIN_CASES, LayerCase, ids, make_input
 
 
 def _net(case: LayerCase, train: bool) -> nn.Module:

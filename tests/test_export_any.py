@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normport import export
-from tests.cases import randomize
+from normport.models.randomize import randomize
 from tests.onnx_helpers import close, session, top_level_ops
 
 NORM_OPS = {

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from normport import export, models
-from tests.cases import randomize
+from normport.models.randomize import randomize
 from tests.onnx_helpers import close, session
 from tests.test_export import reference
 

@@ -7,7 +7,8 @@ import zlib
 import pytest
 import torch
 
-from tests.cases import TWIN_CASES, LayerCase, ids, make_input, randomize
+from normport.models.randomize import randomize
+from tests.cases import TWIN_CASES, LayerCase, ids, make_input
 from tests.conftest import DEVICES
 from tests.tolerances import GRAD, OUTPUT
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from normport import models
 from normport.models.convert import TorchSequenceBatchNorm
-from tests.cases import randomize
+from normport.models.randomize import randomize
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
 dims = st.integers(min_value=1, max_value=5)

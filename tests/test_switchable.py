@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from normport import models
-from tests.cases import make_input, randomize
+from normport.models.randomize import randomize
+from tests.cases import make_input
 
 
 def paper_reference(x, mean_logits, var_logits, weight, bias, eps, batch_stats=None):

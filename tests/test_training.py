@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from normport import models
-from tests.cases import TWIN_CASES, LayerCase, make_input, randomize
+from normport.models.randomize import randomize
+from tests.cases import TWIN_CASES, LayerCase, make_input
 from tests.test_switchable import paper_reference
 from tests.tolerances import GRAD, OUTPUT
 

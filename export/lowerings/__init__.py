@@ -28,18 +28,15 @@ LowerFn = Callable[[Emitter, LayerSpec, Inputs, list[str]], None]
 class Lowering:
     kind: str
     lower: LowerFn
-    emits: str  # human-readable: which op or function, at which opsets
     eps_outside_root: bool = False  # also lowers specs with eps_in_root=False
 
 
 REGISTRY: dict[str, Lowering] = {}
 
 
-def register(
-    kind: str, emits: str, *, eps_outside_root: bool = False
-) -> Callable[[LowerFn], LowerFn]:
+def register(kind: str, *, eps_outside_root: bool = False) -> Callable[[LowerFn], LowerFn]:
     def decorate(fn: LowerFn) -> LowerFn:
-        REGISTRY[kind] = Lowering(kind, fn, emits, eps_outside_root)
+        REGISTRY[kind] = Lowering(kind, fn, eps_outside_root)
         return fn
 
     return decorate

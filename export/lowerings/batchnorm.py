@@ -102,12 +102,9 @@ def lower_batch_stats(
         em.call(fn, [ins.x, scale, bias], outs[:1], name=node_name(spec, fn.name), **attrs)
 
 
-@register(
-    "batchnorm",
-    "BatchNormalization (eval); function BatchNormTrain / BatchNormBatchStats; "
-    "function NormalizeStdPlusEps (batch statistics, eps outside the root)",
-    eps_outside_root=True,
-)
+# Emits: BatchNormalization (eval); function BatchNormTrain / BatchNormBatchStats; function
+# NormalizeStdPlusEps (batch statistics, eps outside the root)
+@register("batchnorm", eps_outside_root=True)
 def lower_batchnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
     axes, channel_shape = [0, *range(2, spec.rank)], [spec.channels] + [1] * (spec.rank - 2)
     if not spec.eps_in_root:
@@ -127,12 +124,9 @@ def lower_batchnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) 
     batch_normalization(em, spec, ins, outs)
 
 
-@register(
-    "sequence_batchnorm",
-    "X * scale + shift (eval); function BatchNormTrain (train); "
-    "function NormalizeStdPlusEps (batch statistics, eps outside the root)",
-    eps_outside_root=True,
-)
+# Emits: X * scale + shift (eval); function BatchNormTrain (train); function NormalizeStdPlusEps
+# (batch statistics, eps outside the root)
+@register("sequence_batchnorm", eps_outside_root=True)
 def lower_sequence_batchnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
     if not spec.eps_in_root:
         axes = list(range(spec.rank - 1))

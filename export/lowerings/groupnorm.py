@@ -35,7 +35,8 @@ def _function(em: Emitter):
     )
 
 
-@register("groupnorm", "GroupNormalization-21 (opset >= 21); function GroupNorm below")
+# Emits: GroupNormalization-21 (opset >= 21); function GroupNorm below
+@register("groupnorm")
 def lower_groupnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
     scale, bias = affine_inputs(em, spec, ins)
     if em.opset >= STANDARD_OPSET:

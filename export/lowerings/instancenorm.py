@@ -15,10 +15,8 @@ from normport.export.lowerings import affine_inputs, batch_normalization, node_n
 from normport.export.lowerings.batchnorm import lower_batch_stats
 
 
-@register(
-    "instancenorm",
-    "InstanceNormalization; BatchNormalization (eval, tracked); function InstanceNormTrain",
-)
+# Emits: InstanceNormalization; BatchNormalization (eval, tracked); function InstanceNormTrain
+@register("instancenorm")
 def lower_instancenorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
     if spec.rank < 3 or not spec.batched:
         raise ValueError(

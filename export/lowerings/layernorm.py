@@ -52,12 +52,9 @@ def _function(em: Emitter, *, center: bool):
     return b.function("LayerNorm" if center else "RMSNorm", ["axes", "epsilon"], inputs, ["Y"])
 
 
-@register(
-    "layernorm",
-    "LayerNormalization (opset >= 17); function LayerNorm below; "
-    "function NormalizeStdPlusEps (eps outside the root)",
-    eps_outside_root=True,
-)
+# Emits: LayerNormalization (opset >= 17); function LayerNorm below; function NormalizeStdPlusEps
+# (eps outside the root)
+@register("layernorm", eps_outside_root=True)
 def lower_layernorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
     if not spec.eps_in_root:
         shape = list(spec.normalized_shape)
@@ -87,7 +84,8 @@ def lower_layernorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) 
     )
 
 
-@register("rmsnorm", "RMSNormalization (opset >= 23); function RMSNorm below")
+# Emits: RMSNormalization (opset >= 23); function RMSNorm below
+@register("rmsnorm")
 def lower_rmsnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
     scale, _ = affine_inputs(em, spec, ins, tuple(spec.normalized_shape))
     eps = spec.eps  # eps=None was resolved at trace time to finfo(input dtype).eps

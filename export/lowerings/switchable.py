@@ -100,7 +100,8 @@ def switchable_function(em: Emitter, momentum: str | None, batch_stats: bool):
     return b.function(name, attrs, inputs, outputs)
 
 
-@register("switchable", "function SwitchableNorm / SwitchableNormTrain / SwitchableNormBatchStats")
+# Emits: function SwitchableNorm / SwitchableNormTrain / SwitchableNormBatchStats
+@register("switchable")
 def lower_switchable(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
     if spec.rank < 3:
         raise ValueError(f"cannot export {spec.path!r} ({spec.cls}) on a {spec.rank}D input")

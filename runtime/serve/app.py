@@ -8,12 +8,10 @@ decodes every non-200 body as JSON and reads ``["error"]``); statuses come from
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 import orjson
@@ -23,6 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from normport.export.about import version
 from normport.runtime.serve import inference
 from normport.runtime.serve.admission import Budget
 from normport.runtime.serve.body import DEFAULT_MAX_BODY_BYTES, read_body
@@ -43,14 +42,6 @@ _INDEX_BODY_LIMIT = 64 * 1024
 
 def _json(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status, media_type="application/json")
-
-
-@functools.cache
-def _server_version() -> str:
-    try:
-        return metadata.version("normport")
-    except metadata.PackageNotFoundError:
-        return "0.0.0"
 
 
 @dataclass
@@ -85,9 +76,7 @@ class _Handlers:
         return _json({"ready": True})
 
     async def server_metadata(self, request: Request) -> Response:
-        return _json(
-            {"name": SERVER_NAME, "version": _server_version(), "extensions": list(EXTENSIONS)}
-        )
+        return _json({"name": SERVER_NAME, "version": version(), "extensions": list(EXTENSIONS)})
 
     async def model_metadata(self, request: Request) -> Response:
         model = self._model(request)

@@ -24,8 +24,7 @@ __all__ = [
     "DataType",
     "from_ort_type",
     "from_triton_type",
-    "get",
-]
+    ]
 
 
 @dataclass(frozen=True)
@@ -81,11 +80,6 @@ DATATYPES: dict[str, DataType] = {
 }
 _BY_TRITON = {t.triton: t for t in DATATYPES.values()}
 _BY_ORT = {t.ort: t for t in DATATYPES.values()}
-
-
-def get(name: str) -> DataType:
-    """The datatype called ``name``; KeyError for an unknown one."""
-    return DATATYPES[name]
 
 
 def from_triton_type(triton: str) -> DataType:

@@ -15,7 +15,9 @@ import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-__all__ = ["BatchNormalization", "default_opset", "reference"]
+from normport.export import default_opset
+
+__all__ = ["BatchNormalization", "reference"]
 
 _FIXED_FROM = 14  # BatchNormalization-14 and later are right in onnx 1.23
 
@@ -31,14 +33,6 @@ class BatchNormalization(OpRun):
         shape = (1, -1) + (1,) * (x.ndim - 2)
         y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + epsilon)
         return ((y * scale.reshape(shape) + bias.reshape(shape)).astype(x.dtype),)
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    """The version of the default ("" / "ai.onnx") domain the model imports."""
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    raise ValueError("the model imports no default-domain opset")
 
 
 def reference(model: onnx.ModelProto) -> ReferenceEvaluator:

@@ -25,7 +25,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import onnx
@@ -33,6 +32,7 @@ import onnxruntime
 import torch
 
 from normport import export
+from normport.export.about import version
 from normport.runtime.verify import divergence, parity, report, subjects
 from normport.runtime.verify.divergence import Divergence
 from normport.runtime.verify.facts import STATUSES, SubjectFacts
@@ -108,13 +108,6 @@ def _select(args: argparse.Namespace) -> list[Subject]:
     return chosen
 
 
-def _version() -> str:
-    try:
-        return importlib_metadata.version("normport")
-    except importlib_metadata.PackageNotFoundError:  # a plain checkout
-        return "0+unknown"
-
-
 def _check(args: argparse.Namespace) -> None:
     bad = [o for o in args.opset if not export.MIN_OPSET <= o <= export.MAX_OPSET]
     if bad:
@@ -182,7 +175,7 @@ def run(
     drawn = plots.draw(out, cells, divs, facts)
     meta = {
         "command": command,
-        "normport_version": _version(),
+        "normport_version": version(),
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,

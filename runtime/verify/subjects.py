@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from normport import models
 from normport.export import factory
 from normport.models import zoo
+from normport.models.randomize import randomize as _randomize
 
 __all__ = ["LAYERS", "Subject", "from_factory", "get", "layer_names", "names", "zoo_subject"]
 
@@ -89,23 +90,9 @@ class Subject:
 # -- standalone layers ------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def randomize(module: nn.Module, seed: int) -> nn.Module:
-    """Random non-trivial parameters and running statistics, deterministic in ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        values = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-        if name.endswith("weight") and name not in ("mean_weight", "var_weight"):
-            values = 1.0 + 0.5 * values
-        p.copy_(values.to(p.dtype))
-    for name, b in module.named_buffers():
-        if name.endswith("running_mean"):
-            b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64).to(b.dtype))
-        elif name.endswith("running_var"):
-            b.copy_(0.5 + 1.5 * torch.rand(b.shape, generator=gen, dtype=torch.float64))
-        elif name.endswith("num_batches_tracked"):
-            b.fill_(3)
-    return module.eval()
+    """:func:`models.randomize.randomize` from ``seed``, in eval mode."""
+    return _randomize(module, torch.Generator().manual_seed(seed)).eval()
 
 
 def _seed(name: str) -> int:
