@@ -24,7 +24,7 @@ __all__ = [
     "DataType",
     "from_ort_type",
     "from_triton_type",
-    ]
+]
 
 
 @dataclass(frozen=True)
