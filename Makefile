@@ -40,13 +40,20 @@ serve: $(STAMP)
 verify: $(STAMP)
 	$(PY) -m runtime verify --all --out reports/verify
 
+# mypy on the public, torch-free modules; .typecheck/normport/ links let it resolve normport.*.
+TYPECHECKED := -m normport.export.triton_config -m normport.export.train_graph \
+	-m normport.export.about -m normport.runtime.sessions -p normport.runtime.serve
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	mkdir -p .typecheck/normport
+	for d in models export runtime; do ln -sfn ../../$$d .typecheck/normport/$$d; done
+	$(VENV)/bin/mypy $(TYPECHECKED)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) reports model_repository .pytest_cache .ruff_cache
+	rm -rf $(VENV) reports model_repository .pytest_cache .ruff_cache .mypy_cache .typecheck

@@ -39,9 +39,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from google.protobuf import descriptor_pool, json_format, message_factory, text_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -82,9 +81,14 @@ NORMPORT_KEYS = (MEMORY_BUDGET,)  # the model-wide normport keys
 _SCHEMA = Path(__file__).with_name("model_config.binpb")
 # The same bytes as tritonclient's: loading both into the default pool is allowed.
 _FILE = descriptor_pool.Default().AddSerializedFile(_SCHEMA.read_bytes())
-ModelConfig = message_factory.GetMessageClass(_FILE.message_types_by_name["ModelConfig"])
-ModelInput = message_factory.GetMessageClass(_FILE.message_types_by_name["ModelInput"])
-ModelOutput = message_factory.GetMessageClass(_FILE.message_types_by_name["ModelOutput"])
+if TYPE_CHECKING:  # classes made at run time from the descriptor: no static fields to check
+    ModelConfig: TypeAlias = Any
+    ModelInput: TypeAlias = Any
+    ModelOutput: TypeAlias = Any
+else:
+    ModelConfig = message_factory.GetMessageClass(_FILE.message_types_by_name["ModelConfig"])
+    ModelInput = message_factory.GetMessageClass(_FILE.message_types_by_name["ModelInput"])
+    ModelOutput = message_factory.GetMessageClass(_FILE.message_types_by_name["ModelOutput"])
 DataType = EnumTypeWrapper(_FILE.enum_types_by_name["DataType"])  # DataType.Name(11): TYPE_FP32
 
 HEADER = "# Triton Inference Server model configuration (inference.ModelConfig), by normport."
@@ -181,7 +185,7 @@ def _known_key(key: str, inputs: set[str]) -> bool:
 _INT64 = (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64)
 
 
-def _int64_as_numbers(value: Mapping[str, Any], descriptor: Descriptor) -> None:
+def _int64_as_numbers(value: dict[str, Any], descriptor: Descriptor) -> None:
     """Turn ``json_format``'s int64 strings back into ints, in place, by the schema."""
     for field in descriptor.fields:
         if field.name not in value:

@@ -80,6 +80,7 @@ class _Handlers:
 
     async def model_metadata(self, request: Request) -> Response:
         model = self._model(request)
+        assert model.spec is not None  # resolve() returns READY versions only
         return _json(model.spec.metadata(self.repo.ready_versions(model.name)))
 
     async def model_ready(self, request: Request) -> Response:
@@ -88,6 +89,7 @@ class _Handlers:
 
     async def model_config(self, request: Request) -> Response:
         model = self._model(request)
+        assert model.spec is not None and model.session is not None  # READY
         return _json(model.spec.config_json(model.session.device_kind))
 
     async def infer(self, request: Request) -> Response:
@@ -105,7 +107,7 @@ class _Handlers:
         else:
             self._model(request)  # 404 / 503 for an unknown or unloaded model
             chosen = [v for v in self.repo.models[params["model"]].values() if v.ready]
-        return _json({"model_stats": [v.stats.json() for v in chosen]})
+        return _json({"model_stats": [v.stats.json() for v in chosen if v.stats is not None]})
 
     async def repository_index(self, request: Request) -> Response:
         body = await read_body(request, _INDEX_BODY_LIMIT)

@@ -125,7 +125,7 @@ class Batcher:
         if self._closed:
             raise ModelUnavailable(f"model '{self._model}' is shutting down")
         self._ensure_worker()
-        assert self._wakeup is not None  # set by _ensure_worker
+        assert self._wakeup is not None and self._loop is not None  # set by _ensure_worker
         key = tuple((name, a.shape[1:]) for name, a in inputs.items())
         item = _Pending(inputs, batch_size, key, self._loop.create_future(), run_bytes)
         self._pending.append(item)
@@ -286,7 +286,7 @@ class Batcher:
         ]
 
 
-def _as_serve_error(error: Exception, model: str) -> ServeError:
+def _as_serve_error(error: BaseException, model: str) -> ServeError:
     if isinstance(error, ServeError):
         return error
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

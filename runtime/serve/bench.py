@@ -167,7 +167,8 @@ class _InProcess:
 
     def latency(self, pool: np.ndarray, seconds: float) -> dict[str, float]:
         """Batch-1 runs over the pool: p50/p99 latency and runs per second."""
-        times, i = [], 0
+        times: list[float] = []
+        i = 0
         stop = time.perf_counter() + seconds
         while time.perf_counter() < stop or len(times) < 20:
             x = pool[i % len(pool) : i % len(pool) + 1]

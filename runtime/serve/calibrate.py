@@ -121,10 +121,11 @@ def calibrate(session: Session, spec: ModelSpec, resident: int) -> MemoryProfile
             break  # over a bound: no request can be larger
         if any(s is False for s in shapes.values()):
             continue  # under a bound: no request can be this small
-        elements = sample_elements(shapes.values(), spec.batched)
+        sized = {name: s for name, s in shapes.items() if not isinstance(s, bool)}
+        elements = sample_elements(sized.values(), spec.batched)
         if points and Curve.fit([p[:2] for p in points])(elements) > 4 * MEMORY_LIMIT:
             break
-        feeds = {t.name: _feed(t, shapes[t.name], rng) for t in spec.inputs}
+        feeds = {t.name: _feed(t, sized[t.name], rng) for t in spec.inputs}
         try:
             if not warm:  # first-run allocations (thread pools, caches) are not working memory
                 session.run(feeds, shrink=True)

@@ -426,13 +426,13 @@ def _client_facing(t: TensorSpec, array: np.ndarray, batched: bool) -> np.ndarra
 
 def _to_binary(dt: DataType, array: np.ndarray) -> bytes | memoryview:
     if dt.name == "BYTES":
-        parts = []
+        parts: list[bytes] = []
         for item in array.reshape(-1):
             data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
             parts += (_U32.pack(len(data)), data)
         return b"".join(parts)
     array = np.ascontiguousarray(array, dtype=dt.numpy.newbyteorder("<"))
-    return memoryview(array).cast("B")
+    return array.data.cast("B")
 
 
 def _to_json(dt: DataType, array: np.ndarray) -> Any:

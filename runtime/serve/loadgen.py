@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -48,7 +49,11 @@ _DATATYPE = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 
 def build_body(name: str, array: np.ndarray, output: str, *, binary: bool) -> Body:
     """One infer request for a single-input model (FP32 or INT64 input)."""
-    entry = {"name": name, "shape": list(array.shape), "datatype": _DATATYPE[array.dtype]}
+    entry: dict[str, Any] = {
+        "name": name,
+        "shape": list(array.shape),
+        "datatype": _DATATYPE[array.dtype],
+    }
     wanted = [{"name": output, "parameters": {"binary_data": binary}}]
     if not binary:
         entry["data"] = array.reshape(-1).tolist()

@@ -144,7 +144,7 @@ class MemoryProfile:
             work=Curve.fit([(e, w) for e, w, _ in points]),
             output=Curve.fit([(e, o) for e, _, o in points]),
             resident=resident,
-            points=tuple(tuple(p) for p in points),
+            points=tuple((int(e), int(w), int(o)) for e, w, o in points),
         )
 
     def run_bytes(self, batch: int, elements: int) -> int:
@@ -177,7 +177,7 @@ class MemoryProfile:
             Curve.from_json(doc["work"]),
             Curve.from_json(doc["output"]),
             int(doc["resident"]),
-            tuple(tuple(int(v) for v in p) for p in doc["points"]),
+            tuple((int(e), int(w), int(o)) for e, w, o in doc["points"]),
         )
 
 

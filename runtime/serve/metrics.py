@@ -8,6 +8,7 @@ name sent by a client never becomes a label value (no unbounded label cardinalit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -101,7 +102,7 @@ class Metrics:
         self._ready.labels(**labels).set(1 if ready else 0)
         return ModelMetrics(
             *(
-                family.labels(**labels)
+                cast(Any, family.labels(**labels))
                 for family in (
                     self._requests,
                     self._failures,

@@ -42,11 +42,11 @@ def uvicorn_config(
         app,
         host=host,
         port=port,
-        http=protocol,  # type: ignore[arg-type]  (uvicorn calls any protocol factory)
+        http=protocol,  # type: ignore[arg-type]  # uvicorn calls any protocol factory
         ws="none",  # no WebSocket routes: an Upgrade request is served as plain HTTP
         log_level=log_level,
         access_log=log_level == "debug",
-        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  (float works)
+        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  # float works
         timeout_graceful_shutdown=limits.exit_timeout,  # type: ignore[arg-type]
         lifespan="on",
         # X-Forwarded-* is not trusted (nor parsed, which also saves time per request).

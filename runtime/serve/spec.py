@@ -227,7 +227,7 @@ def shape_bounds(tensor: TensorSpec, parameters: Mapping[str, str]) -> TensorSpe
     Raises:
         ValueError: a bad value; the message names the parameter (never quotes the value).
     """
-    found = {}
+    found: dict[str, Any] = {}
     for prefix, field in ((MIN_SHAPE, "min_dims"), (MAX_SHAPE, "max_dims")):
         key = prefix + tensor.name
         if key in parameters:
