@@ -1,4 +1,8 @@
-"""The last pass: readable names, no dead weights, provenance metadata, and the checks."""
+"""The last pass: readable names, no dead weights, provenance metadata, and the checks.
+
+The graph clean-up is onnx_ir's passes (:func:`clean_up`): nodes, initializers, functions and
+opset imports nothing uses go, and every node and value name is unique.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,18 @@ import ast
 import hashlib
 
 import onnx
+import onnx_ir as ir
 import torch
 from onnx import checker, shape_inference
+from onnx_ir.passes.common import (
+    NameFixPass,
+    RemoveUnusedFunctionsPass,
+    RemoveUnusedNodesPass,
+    RemoveUnusedOpsetsPass,
+)
 from torch import nn
 
-__all__ = ["finalize", "name_nodes", "weights_sha256"]
+__all__ = ["clean_up", "finalize", "name_nodes", "weights_sha256"]
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
 
@@ -46,31 +57,24 @@ def name_nodes(model: onnx.ModelProto) -> None:
         node.doc_string = ""
 
 
-def _unique_names(graph: onnx.GraphProto) -> None:
-    used: set[str] = set()
-    for node in graph.node:
-        base = node.name or node.op_type
-        name, i = base, 1
-        while name in used:
-            name, i = f"{base}_{i}", i + 1
-        used.add(name)
-        node.name = name
-
-
-def _prune_initializers(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input}
-    used.update(o.name for o in graph.output)
-    used.update(i.name for i in graph.input)
-    kept = [t for t in graph.initializer if t.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
+def clean_up(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without unused nodes, initializers, functions and opset imports, with unique
+    node and value names (onnx_ir's passes)."""
+    passes = ir.passes.PassManager(
+        [
+            RemoveUnusedNodesPass(),
+            RemoveUnusedFunctionsPass(),
+            RemoveUnusedOpsetsPass(),
+            NameFixPass(),
+        ]
+    )
+    return ir.serde.serialize_model(passes(ir.serde.deserialize_model(model)).model)
 
 
 def finalize(model: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
-    """Names, pruning, metadata, then ``check_model(full_check=True)`` and strict inference."""
+    """Clean-up, metadata, then ``check_model(full_check=True)`` and strict inference."""
+    model = clean_up(model)
     graph = model.graph
-    _unique_names(graph)
-    _prune_initializers(graph)
     graph.ClearField("value_info")
     graph.doc_string = ""
     model.doc_string = ""

@@ -141,30 +141,6 @@ def _check_supported(node: onnx.NodeProto) -> None:
         )
 
 
-def _live_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """Nodes that contribute to a graph output (dead Constant feeds of Dropout go)."""
-    needed = {o.name for o in graph.output}
-    live = []
-    for node in reversed(nodes):
-        if any(o in needed for o in node.output):
-            live.append(node)
-            needed.update(i for i in node.input if i)
-    return live[::-1]
-
-
-def _used_functions(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> set[str]:
-    bodies = {f.name: f for f in model.functions}
-    used: set[str] = set()
-    todo = [n.op_type for n in nodes if n.domain == FUNCTION_DOMAIN]
-    while todo:
-        name = todo.pop()
-        if name in used or name not in bodies:
-            continue
-        used.add(name)
-        todo += [n.op_type for n in bodies[name].node if n.domain == FUNCTION_DOMAIN]
-    return used
-
-
 def _metadata(model: onnx.ModelProto, batches: int, method: str | None) -> dict[str, str]:
     metadata = {p.key: p.value for p in model.metadata_props}
     missing = [k for k in _REQUIRED_METADATA if k not in metadata]
@@ -246,7 +222,6 @@ def to_eval(
     graph.ClearField("output")
     graph.output.extend(kept_outputs)
     graph.initializer.extend(em.initializers)
-    nodes = _live_nodes(graph, nodes)
     graph.ClearField("node")
     graph.node.extend(nodes)
     functions = {f.name: f for f in model.functions}
@@ -256,13 +231,10 @@ def to_eval(
         ):
             raise ValueError(f"the graph already has a different function {name!r}")
         functions[name] = function
-    used = _used_functions(model, nodes) | {n for n in em.functions}
     model.ClearField("functions")
-    model.functions.extend(functions[name] for name in sorted(used))
-    if not model.functions:
-        kept = [o for o in model.opset_import if o.domain != FUNCTION_DOMAIN]
-        model.ClearField("opset_import")
-        model.opset_import.extend(kept)
+    model.functions.extend(functions[name] for name in sorted(functions))
+    # finalize's clean-up drops what is now dead: Dropout's constant feeds, the training
+    # functions, the normport opset import when no function is left.
     return finalize(model, metadata)
 
 
