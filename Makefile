@@ -25,11 +25,11 @@ export: $(STAMP)
 	$(PY) -m export --all --out model_repository
 
 bench: $(STAMP)
-	$(PY) -m models.bench --threads $(THREADS) --out reports/bench/layers.json
-	$(PY) -m export.bench --threads $(THREADS) --out reports/bench/export.json
-	$(PY) -m runtime.serve.bench --out reports/bench/serve.json
-	$(PY) -m tests.serve.soak --threads $(THREADS) --out reports/bench/soak.json
-	$(PY) -m tests.thirdparty.export_time --out reports/bench/export_time.json
+	$(PY) -m benchmarks.layers --threads $(THREADS) --out reports/bench/layers.json
+	$(PY) -m benchmarks.export --threads $(THREADS) --out reports/bench/export.json
+	$(PY) -m benchmarks.serve --out reports/bench/serve.json
+	$(PY) -m benchmarks.soak --threads $(THREADS) --out reports/bench/soak.json
+	$(PY) -m benchmarks.export_time --out reports/bench/export_time.json
 	$(PY) -m benchmarks.startup --out reports/bench/startup.json
 
 # Serves model_repository/ on 127.0.0.1:8000, exporting it first when it is missing.

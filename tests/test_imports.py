@@ -95,3 +95,20 @@ def test_importing_export_registers_nothing_and_needs_no_torch() -> None:
     imported, before, after = done.stdout.splitlines()
     assert imported == "", f"importing normport.export imported {imported}"
     assert (before, after) == ("False", "True")  # registered on first export, not on import
+
+
+def test_every_package_folder_is_installed() -> None:
+    """pyproject.toml lists packages by hand (the namespace maps folders): none may be missing
+    or stale, or a wheel would lack it while the editable install still finds it."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(("normport", *p.parent.relative_to(ROOT).parts))
+        for top in PACKAGES
+        for p in (ROOT / top).rglob("__init__.py")
+    }
+    assert found - listed == set(), "packages missing from pyproject.toml"
+    assert {p for p in listed if p.startswith("normport.")} - found == set(), "stale packages"

@@ -19,7 +19,7 @@ Architecture, one concern per module:
 - :mod:`~runtime.serve.stats`, :mod:`~runtime.serve.metrics`: Triton statistics, Prometheus;
 - :mod:`~runtime.serve.errors`: typed errors and their HTTP statuses;
 - :mod:`~runtime.serve.app`: routes and handlers; :mod:`~runtime.serve.cli`: the command;
-- :mod:`~runtime.serve.server`: uvicorn in a background thread; :mod:`~runtime.serve.bench`.
+- :mod:`~runtime.serve.server`: uvicorn in a background thread.
 
 Importing this package is cheap: :func:`create_app` (the web stack) loads on first use, so the
 probe child process (``python -m runtime.serve.probe``) starts without it.

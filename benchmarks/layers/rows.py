@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normport.models.bench.cases import (
+from benchmarks.layers.cases import (
     SEED,
     Case,
     check_agreement,
@@ -22,7 +22,7 @@ from normport.models.bench.cases import (
     make_pair,
     make_step,
 )
-from normport.models.bench.timing import Step, TimingPlan, summarize, time_interleaved
+from benchmarks.layers.timing import Step, TimingPlan, summarize, time_interleaved
 
 __all__ = ["RATIO_TARGET", "bench_case", "bench_rows", "error_row", "rounded"]
 

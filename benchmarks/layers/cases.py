@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from benchmarks.layers.timing import Step
 from normport import models
-from normport.models.bench.timing import Step
 from normport.models.convert import TorchSequenceBatchNorm
 
 __all__ = [
@@ -164,7 +164,7 @@ def build_cases() -> list[Case]:
             fmap,
             lambda: models.SwitchableNorm2d(256),
             lambda: ReferenceSwitchableNorm2d(256),
-            "composite reference in plain torch ops (models.bench.ReferenceSwitchableNorm2d)",
+            "composite reference in plain torch ops (benchmarks.layers.ReferenceSwitchableNorm2d)",
         ),
     ]
 

@@ -1,4 +1,4 @@
-"""Helpers for :mod:`export.bench`: sessions, exports, graph summaries, hand graphs, tables.
+"""Helpers for :mod:`benchmarks.export`: sessions, exports, graph summaries, hand graphs, tables.
 
 * :func:`ort_session` / :func:`ort_side`: an onnxruntime CPU session pinned to the benchmark's
   threads, and one benchmarked side (graph summary, agreement with eager, timed step);
@@ -29,8 +29,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
+from benchmarks.layers.timing import Step
 from normport.export._opset import default_opset
-from normport.models.bench.timing import Step
 
 __all__ = [
     "eager_step",

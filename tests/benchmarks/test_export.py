@@ -11,7 +11,9 @@ import onnxruntime
 import pytest
 import torch
 
-from normport.export import bench
+from benchmarks import export as bench
+
+pytestmark = pytest.mark.slow  # starts servers / times real runs
 
 SIDE_KEYS = {"opset", "ops", "functions", "ort_ops", "max_abs_diff", "valid", "ms", "iqr_ms"}
 

@@ -1,6 +1,6 @@
 """Benchmark normport's ONNX exports in onnxruntime against torch.onnx's and PyTorch eager.
 
-Run as ``python -m export.bench --threads 1 --out reports/bench/export.json`` (``make bench``).
+Run as ``python -m benchmarks.export --threads 1 --out reports/bench/export.json`` (``make bench``).
 
 Part 1, per layer and opset (eval mode, random non-trivial state), on the same input:
 ``normport_ort`` (onnxruntime on ``export.to_onnx(layer, mode="eval", opset=opset)``, dynamic
@@ -16,7 +16,7 @@ BatchNormalization -> Transpose`` graph with the same numbers (``fold_ratio``).
 Part 2, per zoo network: onnxruntime on normport's eval export (opset 23, the spec's dynamic
 dims) vs PyTorch eager at batch 1 and 32, plus the time ``export.to_onnx`` takes.
 
-Timing follows :mod:`models.bench`: every round times every side (the order alternates), the
+Timing follows :mod:`benchmarks.layers`: every round times every side (the order alternates), the
 warmup sizes ``inner`` steps per sample to a time budget, ``*_ms`` is the median over rounds.
 onnxruntime: CPU, ``intra_op=threads``, ``inter_op=1``, ORT_ENABLE_ALL; torch:
 ``set_num_threads(threads)``.
@@ -41,11 +41,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from normport import export, models
-from normport.export import _bench_graphs as graphs
-from normport.models import zoo
-from normport.models.bench.cases import randomize_
-from normport.models.bench.timing import (
+from benchmarks import _export_graphs as graphs
+from benchmarks.layers.cases import randomize_
+from benchmarks.layers.timing import (
     Step,
     TimingPlan,
     pin_threads,
@@ -53,6 +51,8 @@ from normport.models.bench.timing import (
     time_cpu,
     time_interleaved,
 )
+from normport import export, models
+from normport.models import zoo
 
 __all__ = ["MAX_ABS_DIFF", "RATIO_TARGET", "main"]
 
@@ -291,7 +291,7 @@ def metadata(args: argparse.Namespace, plan: TimingPlan) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(
-        prog="python -m export.bench",
+        prog="python -m benchmarks.export",
         description="Time normport's ONNX exports in onnxruntime vs torch.onnx's and eager.",
     )
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")

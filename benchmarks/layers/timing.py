@@ -4,7 +4,8 @@ Generic over what is timed (a layer, an onnxruntime session, a copy): a :class:`
 timed call and its untimed preparation.  :func:`time_interleaved` times every side in every
 round (which side goes first alternates), so machine noise hits all sides alike; a warmup
 sizes the :class:`Schedule` to the :class:`TimingPlan`'s budget; :func:`summarize` reports
-the median and interquartile range.  Shared by :mod:`models.bench` and :mod:`export.bench`.
+the median and interquartile range.  Shared by :mod:`benchmarks.layers` and
+:mod:`benchmarks.export`.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Soak test: the real server, every zoo model, many clients, every answer checked.
 
-    python -m tests.serve.soak --out reports/bench/soak.json [--duration 60] [--clients 64]
+    python -m benchmarks.soak --out reports/bench/soak.json [--duration 60] [--clients 64]
                                [--repository DIR] [--models a,b] [--threads 1]
 
 The eight zoo models are exported (``python -m export --all``) into a temporary repository
 unless ``--repository`` is given (then the zoo models it holds are used).  The server runs as a
-subprocess (``python -m runtime serve``, :func:`runtime.serve.bench._server`), so the resident
+subprocess (``python -m runtime serve``, :func:`benchmarks.serve._server`), so the resident
 set sampled from ``/proc/<pid>/status`` every 0.5 s is the server's alone.
 
 ``--clients`` closed-loop aiohttp clients cycle over the models; even requests are JSON, odd
@@ -75,8 +75,8 @@ import aiohttp
 import numpy as np
 import onnxruntime as ort
 
-from normport.runtime.serve.bench import _InProcess, _server, _stats
-from normport.runtime.serve.loadgen import Body, build_body, decode_output
+from benchmarks.loadgen import Body, build_body, decode_output
+from benchmarks.serve import _InProcess, _server, _stats
 
 __all__ = ["BATCH_SIZES", "DIMS", "TOLERANCE_ULPS", "main"]
 
@@ -357,7 +357,7 @@ def _summary(tally: Tally, elapsed: float, runs: dict[str, dict[str, int]]) -> d
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tests.serve.soak",
+        prog="python -m benchmarks.soak",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,6 +1,6 @@
 """Benchmark the service against in-process onnxruntime on the same inputs, in the same run.
 
-    python -m runtime.serve.bench [--out reports/bench/serve.json] [--quick]
+    python -m benchmarks.serve [--out reports/bench/serve.json] [--quick]
                                   [--repository DIR] [--threads 1] [--duration 3]
 
 Models: a small one (``seq_bn``) and a CNN (``cnn_bn``), exported into a temporary repository
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from normport.runtime.serve.loadgen import build_body, decode_output, run_load
+from benchmarks.loadgen import build_body, decode_output, run_load
 
 __all__ = ["MODELS", "TARGETS", "main"]
 
@@ -59,7 +59,7 @@ def _log(message: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m runtime.serve.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__)
     p.add_argument("--out", default="reports/bench/serve.json")
     p.add_argument("--repository", help="a repository holding seq_bn and cnn_bn (else exported)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from normport.models.bench.cases import MAX_ABS_DIFF
-from normport.models.bench.rows import RATIO_TARGET
-from normport.models.bench.timing import TimingPlan
+from benchmarks.layers.cases import MAX_ABS_DIFF
+from benchmarks.layers.rows import RATIO_TARGET
+from benchmarks.layers.timing import TimingPlan
 
 __all__ = ["format_table", "metadata", "write_json"]
 
@@ -52,8 +52,9 @@ def metadata(args: argparse.Namespace, cpu_plan: TimingPlan) -> dict[str, Any]:
         },
         "switchable_twin": (
             "SwitchableNorm2d has no torch.nn twin: compared with "
-            "models.bench.ReferenceSwitchableNorm2d, a plain-torch composite (var_mean instance "
-            "stats, layer/batch stats from them, softmax mix, (x - mean) / sqrt(var + eps))"
+            "benchmarks.layers.ReferenceSwitchableNorm2d, a plain-torch composite (var_mean "
+            "instance stats, layer/batch stats from them, softmax mix, "
+            "(x - mean) / sqrt(var + eps))"
         ),
     }
 

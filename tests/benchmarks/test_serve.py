@@ -1,4 +1,4 @@
-"""``python -m runtime.serve.bench --quick``: a smoke test on one small model."""
+"""``python -m benchmarks.serve --quick``: a smoke test on one small model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
-from normport.runtime.serve import bench
+import pytest
+
+from benchmarks import serve as bench
+
+pytestmark = pytest.mark.slow  # starts servers / times real runs
 
 
 def test_bench_quick(repo_root: Path, tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from normport.models import bench
+from benchmarks import layers as bench
+
+pytestmark = pytest.mark.slow  # starts servers / times real runs
 
 ROW_KEYS = {
     "layer",

@@ -11,8 +11,9 @@ from benchmarks import startup
 from normport.export.repository import write_model
 from tests.serve.repo import affine
 
+pytestmark = pytest.mark.slow  # starts servers / times real runs
 
-@pytest.mark.slow
+
 def test_startup_benchmark_measures_cold_and_warm_starts(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     for i, name in enumerate(("a", "b", "c")):

@@ -1,6 +1,6 @@
 """Export time: ``export.to_onnx`` vs ``torch.onnx.export`` on real architectures.
 
-Run as ``python -m tests.thirdparty.export_time --out reports/bench/export_time.json`` (part of
+Run as ``python -m benchmarks.export_time --out reports/bench/export_time.json`` (part of
 ``make bench``).  Both sides export the same eval model with a dynamic batch at opset 18
 (torch.onnx's own opset, so it converts nothing) and normport also at 23 (its default).
 Rounds interleave the sides (the order alternates) on the shared machine; the ratio is the
@@ -93,7 +93,8 @@ def main(argv=None) -> dict:
     for r in rows:
         print(
             f"{r['model']:14} {r['torch_onnx_18_s']:10.2f}s {r['normport_18_s']:11.2f}s "
-            f"{r['normport_23_s']:11.2f}s {r['ratio_normport_18']:8.2f} {r['ratio_normport_23']:8.2f}"
+            f"{r['normport_23_s']:11.2f}s {r['ratio_normport_18']:8.2f} "
+            f"{r['ratio_normport_23']:8.2f}"
         )
     return result
 

@@ -1,6 +1,6 @@
 """Benchmark every normport layer against its torch.nn twin, side by side in one run.
 
-Run as ``python -m models.bench --threads 1 --out reports/bench/layers.json`` (``make bench``).
+Run as ``python -m benchmarks.layers --threads 1 --out reports/bench/layers.json`` (``make bench``).
 
 For each layer at a realistic shape and each mode
 
@@ -30,16 +30,16 @@ Without CUDA the JSON records ``"cuda": null`` and ``"cuda_skipped"`` says why.
 
 Modules:
 
-* :mod:`~models.bench.timing`: steps, interleaved timing, schedules, summaries (generic;
-  :mod:`export.bench` uses it too);
-* :mod:`~models.bench.cases`: the layers and twins, their state and inputs, agreement checks;
-* :mod:`~models.bench.rows`: one checked and timed JSON row per layer and mode;
-* :mod:`~models.bench.report`: metadata, the text table, the JSON file;
-* :mod:`~models.bench.cli`: options, the CPU and GPU runs, ``main``.
+* :mod:`benchmarks.layers.timing`: steps, interleaved timing, schedules, summaries (generic;
+  :mod:`benchmarks.export` uses it too);
+* :mod:`benchmarks.layers.cases`: the layers and twins, their state and inputs, agreement checks;
+* :mod:`benchmarks.layers.rows`: one checked and timed JSON row per layer and mode;
+* :mod:`benchmarks.layers.report`: metadata, the text table, the JSON file;
+* :mod:`benchmarks.layers.cli`: options, the CPU and GPU runs, ``main``.
 """
 
-from normport.models.bench.cases import MAX_ABS_DIFF, ReferenceSwitchableNorm2d
-from normport.models.bench.cli import main
-from normport.models.bench.rows import RATIO_TARGET
+from benchmarks.layers.cases import MAX_ABS_DIFF, ReferenceSwitchableNorm2d
+from benchmarks.layers.cli import main
+from benchmarks.layers.rows import RATIO_TARGET
 
 __all__ = ["MAX_ABS_DIFF", "RATIO_TARGET", "ReferenceSwitchableNorm2d", "main"]

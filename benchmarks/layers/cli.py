@@ -1,4 +1,4 @@
-"""``python -m models.bench``: options, the CPU and GPU runs, the report.
+"""``python -m benchmarks.layers``: options, the CPU and GPU runs, the report.
 
 The GPU part (when CUDA is available and ``--no-cuda`` is not given) times the same rows
 eager and under ``torch.compile`` with CUDA events, and relates the eval forwards of
@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from normport.models.bench.cases import MODES, Case, build_cases, select_cases
-from normport.models.bench.report import format_table, metadata, write_json
-from normport.models.bench.rows import RATIO_TARGET, bench_rows, rounded
-from normport.models.bench.timing import (
+from benchmarks.layers.cases import MODES, Case, build_cases, select_cases
+from benchmarks.layers.report import format_table, metadata, write_json
+from benchmarks.layers.rows import RATIO_TARGET, bench_rows, rounded
+from benchmarks.layers.timing import (
     Step,
     TimingPlan,
     pin_threads,
@@ -38,7 +38,7 @@ BANDWIDTH_LAYERS = ("LayerNorm", "BatchNorm2d")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(
-        prog="python -m models.bench",
+        prog="python -m benchmarks.layers",
         description="Time normport's layers against their torch.nn twins (eval and train).",
     )
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")

@@ -1,4 +1,4 @@
-"""``python -m tests.serve.soak``: a short soak on two zoo models (a float and a token model)."""
+"""``python -m benchmarks.soak``: a short soak on two zoo models (a float and a token model)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from normport.runtime.serve.loadgen import Body
-from tests.serve import soak
+from benchmarks import soak
+from benchmarks.loadgen import Body
+
+pytestmark = pytest.mark.slow  # starts servers / times real runs
 
 MODELS = ("seq_bn", "transformer_ln")
 
