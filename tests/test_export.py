@@ -10,10 +10,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 
 from normport import export
+from normport.runtime.verify._reference import reference
 from tests.cases import make_input
 from tests.export_cases import CASES, OPSETS, ExportCase
 from tests.onnx_helpers import close, default_opset, session, top_level_ops
@@ -108,26 +107,6 @@ def test_onnxruntime_matches_pytorch(case: ExportCase, mode: str, opset: int):
                 strict=True,
             ):
                 close(value, getattr(torch_layer, attr).numpy(), f"{label}: {name}")
-
-
-class BatchNormalization(OpRun):
-    """onnx 1.23's reference BatchNormalization-9 fills in the default ``momentum`` and then
-    takes its *training* branch (blending batch statistics into the running ones), although
-    opset 9-13 BatchNormalization is inference-only; inference semantics, as the spec says."""
-
-    op_domain = ""
-
-    def _run(self, x, scale, bias, mean, var, epsilon=1e-5, momentum=None, training_mode=0):
-        if training_mode:
-            raise NotImplementedError("normport never emits training_mode=1")
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + epsilon)
-        return ((y * scale.reshape(shape) + bias.reshape(shape)).astype(x.dtype),)
-
-
-def reference(model: onnx.ModelProto) -> ReferenceEvaluator:
-    new_ops = [BatchNormalization] if default_opset(model) < 14 else None
-    return ReferenceEvaluator(model, new_ops=new_ops)
 
 
 @pytest.mark.parametrize(("case", "mode", "opset"), PARAMS, ids=PARAM_IDS)
