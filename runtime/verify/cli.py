@@ -148,6 +148,7 @@ def run(
     started = time.perf_counter()
     cells: list[Cell] = []
     facts: list[SubjectFacts] = []
+    study_errors: list[str] = []
     for i, subject in enumerate(chosen, 1):
         t0 = time.perf_counter()
         prefix = f"[{i}/{len(chosen)}] {subject.name}"
@@ -155,7 +156,12 @@ def run(
         def progress(line: str, prefix: str = prefix) -> None:
             log(f"{prefix}: {line}")
 
-        result = verify_subject(subject, opsets, dtypes, modes, steps, progress=progress)
+        try:
+            result = verify_subject(subject, opsets, dtypes, modes, steps, progress=progress)
+        except Exception as err:  # e.g. the user's factory raised: the others still run
+            study_errors.append(f"{subject.name}: {type(err).__name__}: {err}")
+            log(f"{prefix}: ERROR: could not verify: {type(err).__name__}: {err}")
+            continue
         cells += result.cells
         facts.append(result.facts)
         line = verdict(result.facts, result.cells)  # "<subject>: PASS: ..."
@@ -170,9 +176,20 @@ def run(
             except divergence.NotMeasured as why:
                 not_measured[subject.name] = str(why)
                 log(f"{subject.name}: divergence study not measured: {why}")
+            except Exception as err:  # the model broke the study: reported, never a traceback
+                not_measured[subject.name] = f"the study failed: {type(err).__name__}: {err}"
+                study_errors.append(
+                    f"{subject.name}: divergence study: {type(err).__name__}: {err}"
+                )
+                log(f"{subject.name}: divergence study failed: {type(err).__name__}: {err}")
             seen.add(subject.family)
     out = Path(out)
-    drawn = plots.draw(out, cells, divs, facts)
+    try:
+        drawn = plots.draw(out, cells, divs, facts)
+    except Exception as err:  # a report without plots beats no report
+        drawn = []
+        study_errors.append(f"plots: {type(err).__name__}: {err}")
+        log(f"plots not drawn: {type(err).__name__}: {err}")
     meta = {
         "command": command,
         "normport_version": version(),
@@ -184,6 +201,7 @@ def run(
         "modes": list(modes),
         "steps": steps,
         "divergence_not_measured": not_measured,
+        "study_errors": study_errors,
         "subjects": [
             {"name": s.name, "kind": s.kind, "family": s.family, "description": s.description}
             for s in chosen
@@ -230,6 +248,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cell in data["parity"]:
         if cell["status"] in ("fail", "error", "crash"):
             print(f"{cell['status'].upper()} {cell['id']}: {cell['reason']}", file=sys.stderr)
-    if by["fail"]:
+    for problem in data["meta"]["study_errors"]:
+        print(f"ERROR {problem}", file=sys.stderr)
+    return exit_status(data)
+
+
+def exit_status(data: dict) -> int:
+    """0 PASS or WARN; 1 FAIL (the export computes something else); 2 ERROR (a cell, the
+    divergence study or the plots could not run, or no cell ran at all)."""
+    word = data["summary"]["verdict"]
+    if word == "FAIL":
         return 1
-    return 2 if by["error"] or by["crash"] else 0
+    if word == "ERROR" or data["meta"].get("study_errors") or not data["parity"]:
+        return 2
+    return 0

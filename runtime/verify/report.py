@@ -169,6 +169,10 @@ def _markdown(data: dict, cells: Sequence[Cell], divs: Sequence[Divergence]) -> 
         "",
     ]
     lines += [f"- {s['line']}" for s in data["subjects"]] + [""]
+    problems = meta.get("study_errors") or []
+    if problems:
+        lines += ["**Could not run** (exit status 2):", ""]
+        lines += [f"- ERROR {p}" for p in problems] + [""]
     lines += _models(data, cells)
     lines += ["## What the numbers say", ""]
     for key, title in _SECTIONS.items():
