@@ -1,5 +1,13 @@
 """normport's benchmarks: run from the repository root (``make bench``), never installed.
 
-- ``python -m benchmarks.startup``: server start to ready and idle RSS (cold, then with the
-  probe cache), with targets.
+- ``python -m benchmarks.layers``: normport layers vs torch.nn, eager (``reports/bench/layers.json``);
+- ``python -m benchmarks.export``: onnxruntime on normport's export vs torch.onnx's;
+- ``python -m benchmarks.serve``: the service vs in-process onnxruntime;
+- ``python -m benchmarks.soak``: a minute of mixed load with every answer checked;
+- ``python -m benchmarks.export_time``: ``export.to_onnx`` vs ``torch.onnx.export``;
+- ``python -m benchmarks.startup``: server start to ready and idle RSS (cold and cached).
+
+Shared: :mod:`benchmarks.timing` (interleaved timing: every side in every round),
+:mod:`benchmarks.report` (the metadata every report starts with, and the JSON writer),
+:mod:`benchmarks.loadgen` (the HTTP load generator).
 """

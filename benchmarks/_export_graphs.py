@@ -29,7 +29,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
-from benchmarks.layers.timing import Step
+from benchmarks.timing import Step
 from normport.export._opset import default_opset
 
 __all__ = [

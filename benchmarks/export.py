@@ -25,9 +25,6 @@ onnxruntime: CPU, ``intra_op=threads``, ``inter_op=1``, ORT_ENABLE_ALL; torch:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import sys
 import time
@@ -37,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from benchmarks import _export_graphs as graphs
 from benchmarks.layers.cases import randomize_
-from benchmarks.layers.timing import (
+from benchmarks.report import environment, write_report
+from benchmarks.timing import (
     Step,
     TimingPlan,
     pin_threads,
@@ -259,15 +256,9 @@ def bench_network(name: str, threads: int, plan: TimingPlan, export_runs: int) -
 def metadata(args: argparse.Namespace, plan: TimingPlan) -> dict[str, Any]:
     """Versions, machine, settings."""
     return {
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": ort.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
+        **environment(),
         "threads": args.threads,
         "torch_threads": torch.get_num_threads(),
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "plan": vars(plan),
         "onnxruntime_settings": {
@@ -337,8 +328,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             networks.append(bench_network(name, args.threads, plan, 1 if args.quick else 2))
     meta = {**metadata(args, plan), "elapsed_s": round(time.perf_counter() - started, 1)}
     report = {"metadata": meta, "layers": rows, "zoo": networks}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
     print(f"Part 1: onnxruntime per layer ({args.threads} thread(s))\n")
     print(graphs.format_layer_table(rows))
     if any(row.get("alt_ort") for row in rows):

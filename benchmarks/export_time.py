@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import statistics
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import environment, write_report
 from normport import export
 from tests.thirdparty.models import ARCHS
 
@@ -84,9 +84,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("reports/bench/export_time.json"))
     args = parser.parse_args(argv)
     rows = [bench(name, args.rounds) for name in MODELS]
-    result = {"target_ratio": TARGET, "torch": torch.__version__, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = {"metadata": environment(), "target_ratio": TARGET, "rows": rows}
+    write_report(args.out, result)
     print(
         f"{'model':14} {'torch.onnx':>11} {'normport@18':>12} {'normport@23':>12} ratio@18 ratio@23"
     )

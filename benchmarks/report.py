@@ -19,7 +19,9 @@ _PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "uvicorn", "
 
 
 def environment() -> dict[str, Any]:
-    """Versions (read from the installed metadata: nothing is imported), machine, time."""
+    """Where and when: each package's version (from the installed metadata: nothing is
+    imported), Python, platform, machine, CPUs, a UTC timestamp.  Every benchmark's
+    ``metadata`` starts with these keys."""
     versions = {}
     for name in _PACKAGES:
         try:
@@ -27,7 +29,7 @@ def environment() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {
-        "versions": versions,
+        **versions,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -37,7 +39,8 @@ def environment() -> dict[str, Any]:
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
-    """Write ``report`` as indented JSON, creating parent folders, atomically (temp, rename)."""
+    """Write ``report`` as indented JSON, creating parent folders, atomically (temp, rename);
+    every benchmark writes its file through here."""
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.with_name(f".{out.name}.tmp")
     temp.write_text(json.dumps(report, indent=2) + "\n")

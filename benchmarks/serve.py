@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -40,6 +38,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.loadgen import build_body, decode_output, run_load
+from benchmarks.report import environment, write_report
 
 __all__ = ["MODELS", "TARGETS", "main"]
 
@@ -391,11 +390,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             rows += model_rows
     report = {
         "metadata": {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "python": platform.python_version(),
-            "onnxruntime": ort.__version__,
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
+            **environment(),
             "threads": args.threads,
             "duration_s": args.duration,
             "quick": args.quick,
@@ -406,11 +401,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "inprocess_batch1": baselines,
         "targets": _targets(rows, baselines),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(Path(args.out), report)
     print(format_report(report))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {args.out}")
     return report
 
 

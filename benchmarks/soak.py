@@ -53,11 +53,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import itertools
-import json
-import os
-import platform
 import random
 import subprocess
 import sys
@@ -73,9 +69,9 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-import onnxruntime as ort
 
 from benchmarks.loadgen import Body, build_body, decode_output
+from benchmarks.report import environment, write_report
 from benchmarks.serve import _InProcess, _server, _stats
 
 __all__ = ["BATCH_SIZES", "DIMS", "TOLERANCE_ULPS", "main"]
@@ -467,10 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = soak(args, repository)
     report = {
         "metadata": {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "python": platform.python_version(),
-            "onnxruntime": ort.__version__,
-            "cpus": os.cpu_count(),
+            **environment(),
             "threads": args.threads,
             "clients": args.clients,
             "duration_s": args.duration,
@@ -484,11 +477,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         **report,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(Path(args.out), report)
     print(format_summary(report))
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0 if report["passed"] else 1
 
 

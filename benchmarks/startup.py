@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="normport-zoo-") as tmp:
         repository = args.repository or _export(Path(tmp) / "repo")
         report = run(repository, args.rounds)
-    write_report(args.out, {**environment(), "startup": report})
+    write_report(args.out, {"metadata": environment(), "startup": report})
     print(_table(report))
     return 0
 

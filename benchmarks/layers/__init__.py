@@ -30,7 +30,7 @@ Without CUDA the JSON records ``"cuda": null`` and ``"cuda_skipped"`` says why.
 
 Modules:
 
-* :mod:`benchmarks.layers.timing`: steps, interleaved timing, schedules, summaries (generic;
+* :mod:`benchmarks.timing`: steps, interleaved timing, schedules, summaries (generic;
   :mod:`benchmarks.export` uses it too);
 * :mod:`benchmarks.layers.cases`: the layers and twins, their state and inputs, agreement checks;
 * :mod:`benchmarks.layers.rows`: one checked and timed JSON row per layer and mode;

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from benchmarks.layers.timing import Step
+from benchmarks.timing import Step
 from normport import models
 from normport.models.convert import TorchSequenceBatchNorm
 

@@ -20,7 +20,7 @@ import torch
 from benchmarks.layers.cases import MODES, Case, build_cases, select_cases
 from benchmarks.layers.report import format_table, metadata, write_json
 from benchmarks.layers.rows import RATIO_TARGET, bench_rows, rounded
-from benchmarks.layers.timing import (
+from benchmarks.timing import (
     Step,
     TimingPlan,
     pin_threads,

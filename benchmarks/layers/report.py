@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,8 @@ import torch
 
 from benchmarks.layers.cases import MAX_ABS_DIFF
 from benchmarks.layers.rows import RATIO_TARGET
-from benchmarks.layers.timing import TimingPlan
+from benchmarks.report import environment, write_report
+from benchmarks.timing import TimingPlan
 
 __all__ = ["format_table", "metadata", "write_json"]
 
@@ -21,14 +20,10 @@ __all__ = ["format_table", "metadata", "write_json"]
 def metadata(args: argparse.Namespace, cpu_plan: TimingPlan) -> dict[str, Any]:
     """Where and how the numbers were taken."""
     return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
+        **environment(),
         "processor": platform.processor() or None,
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
-        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "warmup": cpu_plan.warmup,
         "repeats": {
@@ -109,6 +104,5 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_json(report: dict[str, Any], out: Path) -> None:
-    """Write the report, creating parent directories."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    """Write the report (:func:`benchmarks.report.write_report`)."""
+    write_report(out, report)

@@ -22,7 +22,7 @@ from benchmarks.layers.cases import (
     make_pair,
     make_step,
 )
-from benchmarks.layers.timing import Step, TimingPlan, summarize, time_interleaved
+from benchmarks.timing import Step, TimingPlan, summarize, time_interleaved
 
 __all__ = ["RATIO_TARGET", "bench_case", "bench_rows", "error_row", "rounded"]
 

@@ -27,4 +27,4 @@ def test_startup_benchmark_measures_cold_and_warm_starts(tmp_path: Path) -> None
     # the warm start skips the probe children the cold one needs
     assert rows["warm"]["ready_s"] < rows["cold"]["ready_s"]
     assert 10 < rows["warm"]["idle_rss_mb"] < 1000
-    assert report["versions"]["onnxruntime"]
+    assert report["metadata"]["onnxruntime"] and report["metadata"]["timestamp"]
