@@ -1,6 +1,6 @@
 """normport's benchmarks: run from the repository root (``make bench``), never installed.
 
-- ``python -m benchmarks.layers``: normport layers vs torch.nn, eager (``reports/bench/layers.json``);
+- ``python -m benchmarks.layers``: normport layers vs torch.nn, eager;
 - ``python -m benchmarks.export``: onnxruntime on normport's export vs torch.onnx's;
 - ``python -m benchmarks.serve``: the service vs in-process onnxruntime;
 - ``python -m benchmarks.soak``: a minute of mixed load with every answer checked;
