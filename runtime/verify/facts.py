@@ -39,6 +39,7 @@ class SubjectFacts:
         modes_run: the parity modes that produced at least one pass/fail cell.
         recalibrated: a recalibration cell ran (passed or failed).
         batch_mates: the eval batch-dependence measurement; None when not measured.
+        batch_mates_error: why it was not measured (the measurement raised); None otherwise.
         errors: one line per export/session error or crash (``"<mode>: <reason>"``).
     """
 
@@ -49,6 +50,7 @@ class SubjectFacts:
     modes_run: list[str] = field(default_factory=list)
     recalibrated: bool = False
     batch_mates: BatchMates | None = None
+    batch_mates_error: str | None = None
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:

@@ -77,13 +77,15 @@ def _random_reason(subject: Subject, module: nn.Module) -> str | None:
     )
 
 
-def _measure_batch_mates(subject: Subject, module: nn.Module, say: Callable[[str], None]):
+def _measure_batch_mates(subject: Subject, module: nn.Module, facts: SubjectFacts, say) -> None:
+    """Fill ``facts.batch_mates``, or ``facts.batch_mates_error`` when the measurement raises
+    (reported as not measured, never as a parity result)."""
     try:
         batch = subject.inputs(*BATCH_MATES_BATCH)
-        return batch_mates.measure(copy.deepcopy(module).eval(), tuple(batch))
-    except Exception as err:  # reported as not measured, never as a parity result
-        say(f"batch-mates not measured: {first_lines(err)}")
-        return None
+        facts.batch_mates = batch_mates.measure(copy.deepcopy(module).eval(), tuple(batch))
+    except Exception as err:
+        facts.batch_mates_error = first_lines(err)
+        say(f"batch-mates not measured: {facts.batch_mates_error}")
 
 
 def _plan(modes: Sequence[str], stateful: bool, random_reason: str | None) -> dict[str, list]:
@@ -151,7 +153,7 @@ def verify_subject(
             cells += found
             say(f"{mode} {dtype}: {_counts(found)}")
 
-    facts.batch_mates = _measure_batch_mates(subject, module, say)
+    _measure_batch_mates(subject, module, facts, say)
     ran = [c for c in cells if c.status in ("pass", "fail")]
     facts.modes_run = [m for m in parity.MODES if any(c.mode == m for c in ran)]
     facts.recalibrated = "recalibrate" in facts.modes_run

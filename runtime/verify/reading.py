@@ -106,6 +106,11 @@ def _random(facts: SubjectFacts, cells: Sequence[Cell]) -> list[str]:
 def _mates(facts: SubjectFacts) -> list[str]:
     mates = facts.batch_mates
     if mates is None:
+        if facts.batch_mates_error:
+            return [
+                f"Whether eval outputs depend on batch-mates was not measured "
+                f"({facts.batch_mates_error}): dynamic batching is not known to be safe."
+            ]
         return []
     if mates.independent:
         largest = max(mates.outputs.values(), default=0.0)

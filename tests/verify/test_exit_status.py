@@ -73,3 +73,21 @@ def test_no_cells_is_exit_2(tmp_path: Path) -> None:
             "--mode", "train", "--no-divergence", "--out", str(tmp_path)]  # fmt: skip
     assert cli.main(argv) == 2
     assert json.loads((tmp_path / "results.json").read_text())["parity"] == []
+
+
+def test_a_batch_mates_measurement_that_raises_is_reported(tmp_path: Path, monkeypatch) -> None:
+    """Not measured is said in the report (not only in the progress log); parity still runs."""
+    from normport.runtime.verify import matrix
+
+    def refuse(module, batch):
+        raise ValueError("cannot split this batch")
+
+    monkeypatch.setattr(matrix.batch_mates, "measure", refuse)
+    argv = ["--module", f"{__name__}:make_good", *FAST, "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    (subject,) = data["subjects"]
+    assert subject["batch_mates"] is None
+    assert subject["batch_mates_error"] == "ValueError: cannot split this batch"
+    assert any("was not measured" in line for line in subject["reading"])
+    assert "dynamic batching is not known to be safe" in (tmp_path / "report.md").read_text()

@@ -433,3 +433,24 @@ def test_an_out_that_is_a_file_is_a_usage_error_before_any_work(
     err = capsys.readouterr().err
     assert err.startswith(f"error: --out {out}: ") and err.count("\n") == 1
     assert "is a file" in err or "not a folder" in err
+
+
+def test_a_state_the_pytorch_module_lacks_fails_the_cell_not_errors_it(monkeypatch):
+    """The export carries running statistics under names the module has no buffer of (here
+    the PyTorch side is wrapped, so its buffers are ``inner.*``): the export computes something
+    else (fail, infinite error, naming the state), not a runtime error."""
+    real = parity._torch_train
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return self.inner(*args)
+
+    monkeypatch.setattr(parity, "_torch_train", lambda *a, **k: Wrapped(real(*a, **k)))
+    cells = _verify("make_dropout_model", modes=["train"]).cells
+    (cell,) = [c for c in cells if c.runtime == "onnxruntime" and c.dtype == "float32"]
+    assert cell.status == "fail", cell.reason
+    assert "no such buffer in the PyTorch module" in cell.reason
