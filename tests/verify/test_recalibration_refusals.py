@@ -216,3 +216,12 @@ def test_cli_help_shows_defaults_and_examples(capsys):
     assert "default: precise" in out and "default: 1" in out
     assert "examples:" in out and "python -m runtime recalibrate --train-model" in out
     assert "precise" in out and "update_bn" in out and "1 - (1 - m)^K" in out
+
+
+def test_an_error_without_a_message_is_named_by_its_type() -> None:
+    """Near misses of the one-line error: an empty message, a message starting with a blank."""
+    from normport.runtime.recalibration._cli import _first_line
+
+    assert _first_line(ValueError("")) == "ValueError"
+    assert _first_line(RuntimeError("\n  the real line\nmore")) == "the real line"
+    assert _first_line(OSError("plain")) == "plain"
