@@ -42,7 +42,9 @@ verify: $(STAMP)
 
 # mypy on the public, torch-free modules; .typecheck/normport/ links let it resolve normport.*.
 TYPECHECKED := -m normport.export.triton_config -m normport.export.train_graph \
-	-m normport.export.about -m normport.runtime.sessions -p normport.runtime.serve
+	-m normport.export.repository -m normport.export.about -m normport.runtime.sessions \
+	-m normport.runtime.messages \
+	-p normport.runtime.serve
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -21,28 +21,25 @@ specialises sizes 0 and 1, so its own lower bound is 2, and size-oblivious traci
 ``seq_len = 1`` and matches PyTorch).  Asserts relating two symbols (``Eq(s0, s1)``) and dims
 that are an expression of a symbol (``2 * s0``) give no per-dim bound.
 
-:data:`BOUNDS_KEY` is the ``metadata_props`` key: JSON ``{dim name: {"min": n, "max": n}}``,
-each dim and each of its two keys present only when bounded, ``{}`` when nothing is.
+The metadata format and its reader are :mod:`export._bounds_format` (torch-free).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 
-import onnx
 import sympy
 import torch
 from torch.utils._sympy import functions as torch_sympy
 
-__all__ = ["BOUNDS_KEY", "DIM_MAX", "Bounds", "dim_bounds", "read_dim_bounds"]
+from normport.export._bounds_format import Bounds
 
-BOUNDS_KEY = "normport.dim_bounds"
+__all__ = ["DIM_MAX", "dim_bounds"]
+
 DIM_MAX = 1 << 16  # the upper bound of every torch.export.Dim the tracer declares
 _TRACER_MIN = 2  # lower bounds up to this are torch.export's, not the graph's
 
-Bounds = dict[str, dict[str, int]]
 
 # torch's own sympy functions, which sympy's solvers do not know, as sympy's.
 _AS_SYMPY = {
@@ -80,33 +77,6 @@ def dim_bounds(
         if entry:
             out[names[symbol]] = entry
     return out
-
-
-def read_dim_bounds(model: onnx.ModelProto) -> Bounds:
-    """``model``'s :data:`BOUNDS_KEY` metadata; ``{}`` when absent (a model not exported here).
-
-    Raises:
-        ValueError: the value is not ``{name: {"min"/"max": int >= 0}}`` JSON.
-    """
-    raw = next((p.value for p in model.metadata_props if p.key == BOUNDS_KEY), None)
-    if raw is None:
-        return {}
-    try:
-        bounds = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"metadata_props[{BOUNDS_KEY!r}] is not JSON ({err})") from None
-    if not isinstance(bounds, dict) or not all(
-        isinstance(entry, dict)
-        and entry
-        and set(entry) <= {"min", "max"}
-        and all(type(v) is int and v >= 0 for v in entry.values())
-        for entry in bounds.values()
-    ):
-        raise ValueError(
-            f'metadata_props[{BOUNDS_KEY!r}] must map dim names to {{"min": n, "max": n}} '
-            f"(ints >= 0, at least one), got {raw[:80]!r}"
-        )
-    return bounds
 
 
 def _symbols(

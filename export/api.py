@@ -17,7 +17,7 @@ import onnx.inliner
 import torch
 from torch import Tensor, nn
 
-from normport.export._bounds import BOUNDS_KEY
+from normport.export._bounds_format import BOUNDS_KEY
 from normport.export._emit import FUNCTION_DOMAIN
 from normport.export._finalize import finalize, name_nodes, weights_sha256
 from normport.export._lower import lower

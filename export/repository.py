@@ -51,7 +51,7 @@ from pathlib import Path
 import onnx
 
 from normport.export import triton_config
-from normport.export._bounds import Bounds, read_dim_bounds
+from normport.export._bounds_format import Bounds, read_dim_bounds
 from normport.export._save import atomic_write, save
 from normport.export.triton_config import (
     CONFIG_NAME,

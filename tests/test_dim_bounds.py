@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from normport import export
 from normport.export import triton_config
-from normport.export._bounds import BOUNDS_KEY, read_dim_bounds
+from normport.export._bounds_format import BOUNDS_KEY, read_dim_bounds
 from normport.export.repository import build_config, write_model
 from normport.runtime.serve.codec import decode_request
 from normport.runtime.serve.errors import BadRequest

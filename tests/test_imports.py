@@ -79,7 +79,7 @@ _IMPORT_EXPORT = """
 import sys
 import onnx.defs
 from normport import export  # noqa: F401
-from normport.export import train_graph, triton_config  # noqa: F401
+from normport.export import repository, train_graph, triton_config  # noqa: F401
 print(",".join(m for m in ("torch", "onnxscript") if m in sys.modules))
 print(onnx.defs.has("NormEval", "normport.placeholder"))
 from normport.export._placeholder import translation_table

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from normport.export import save
 from normport.export.train_graph import stateful_layers
+from normport.runtime.messages import first_line
 from normport.runtime.recalibration import RecalibrationWarning, load_model, recalibrate
 from normport.runtime.recalibration._feeds import GraphInput, check_names, data_inputs
 from normport.runtime.recalibration._methods import METHODS
@@ -209,20 +210,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(_run(args))
     except (OSError, ValueError, TypeError, DecodeError) as err:
-        print(f"error: {_first_line(err)}", file=sys.stderr)
+        print(f"error: {first_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # onnxruntime's errors derive from Exception alone
         if not type(err).__module__.startswith("onnxruntime"):
             raise
-        print(f"error: onnxruntime: {_first_line(err)}", file=sys.stderr)
+        print(f"error: onnxruntime: {first_line(err)}", file=sys.stderr)
         return 2
     return 0
-
-
-def _first_line(err: BaseException) -> str:
-    """The message's first non-empty line; the exception's type when it has no message."""
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(err).__name__
 
 
 if __name__ == "__main__":

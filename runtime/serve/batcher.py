@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
+from normport.runtime.messages import first_line
 from normport.runtime.serve.errors import BadRequest, InferenceFailed, ModelUnavailable, ServeError
 from normport.runtime.serve.session import SHRINK_ABOVE_BYTES, Session
 from normport.runtime.serve.spec import Batching
@@ -289,7 +290,7 @@ class Batcher:
 def _as_serve_error(error: BaseException, model: str) -> ServeError:
     if isinstance(error, ServeError):
         return error
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    message = first_line(error)
     if isinstance(error, InvalidArgument):
         return BadRequest(f"model '{model}' refused the request: {message}")
     return InferenceFailed(f"model '{model}' failed to run: {message}")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
+from normport.runtime.messages import first_line
 from normport.runtime.serve.heap import trim
 from normport.runtime.serve.memory import Curve, MemoryProfile, sample_elements
 from normport.runtime.serve.session import Session
@@ -139,7 +140,7 @@ def calibrate(session: Session, spec: ModelSpec, resident: int) -> MemoryProfile
             elapsed = time.monotonic() - t0
             peak = _status("VmHWM")
         except (Fail, InvalidArgument, RuntimeException) as e:  # onnxruntime refuses this size
-            error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            error = first_line(e)
             continue
         work = max(peak - before, 0) if exact else max(peak - baseline, 0)
         out = sum(int(a.nbytes) for a in outputs.values())

@@ -29,6 +29,7 @@ from typing import Any
 from normport.export import triton_config
 from normport.export.triton_config import ModelConfig
 from normport.runtime.isolation import Died, Emit, child_main, run_isolated
+from normport.runtime.messages import first_line
 
 __all__ = ["DEFAULT_TIMEOUT_S", "Job", "ProbeFailed", "Probed", "from_event", "probe_all"]
 
@@ -153,7 +154,7 @@ def _child(jobs: list[dict[str, Any]], emit: Emit) -> None:
             emit(job=i, stage="running it on synthetic inputs")
             profile = calibrate(session, spec, resident)
         except Exception as e:  # reported as the model's reason; the next model goes on
-            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            text = first_line(e, default="")
             emit(job=i, error=f"{type(e).__name__}: {text}")
             continue
         finally:

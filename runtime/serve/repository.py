@@ -48,6 +48,7 @@ from normport.export.triton_config import (
     PLATFORM,
     ModelConfig,
 )
+from normport.runtime.messages import first_line
 from normport.runtime.serve.admission import Budget, parse_bytes
 from normport.runtime.serve.batcher import Batcher, Execution
 from normport.runtime.serve.errors import ModelNotFound, ModelUnavailable
@@ -247,7 +248,7 @@ class Repository:
 
     def _reason(self, error: Exception, typed: bool = True) -> str:
         """One line, without the server's absolute paths; ``typed``: prefixed with the type."""
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        text = first_line(error, default="")
         text = text.replace(f"{self.root}{os.sep}", "").replace(str(self.root), ".")
         text = f"{type(error).__name__}: {text}" if typed else text
         # a train graph's reason is bounded by construction and useless cut short

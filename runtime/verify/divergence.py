@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from normport.export.outputs import named_leaves
+from normport.runtime.messages import first_line
 from normport.runtime.verify.randomness import draws_random, train_mode
 from normport.runtime.verify.subjects import Subject
 
@@ -201,7 +202,7 @@ def batch_curve(subject: Subject, module: nn.Module, sizes: Sequence[int]) -> li
                 means.append(float(diff.mean()))
                 maxes.append(float(diff.max()))
         except ValueError as err:  # e.g. one value per channel in training
-            points.append(BatchPoint(size, None, None, str(err).splitlines()[0]))
+            points.append(BatchPoint(size, None, None, first_line(err)))
             continue
         points.append(BatchPoint(size, sum(means) / len(means), max(maxes)))
     return points

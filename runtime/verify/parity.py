@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from normport.export.outputs import named_leaves
 from normport.export.train_graph import state_pairs
+from normport.runtime.messages import first_line
 from normport.runtime.recalibration import recalibrate
 from normport.runtime.sessions import cpu_session
 from normport.runtime.verify._reference import reference
@@ -254,7 +255,7 @@ def _skip_reason(err: BaseException) -> str | None:
     if isinstance(err, SessionError) and err.__cause__ is not None:
         err = err.__cause__
     if isinstance(err, OrtNotImplemented | NotImplementedError):
-        return str(err).strip().splitlines()[0][:300] or type(err).__name__
+        return first_line(err, limit=300)
     return None
 
 

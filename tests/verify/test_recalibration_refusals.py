@@ -220,8 +220,9 @@ def test_cli_help_shows_defaults_and_examples(capsys):
 
 def test_an_error_without_a_message_is_named_by_its_type() -> None:
     """Near misses of the one-line error: an empty message, a message starting with a blank."""
-    from normport.runtime.recalibration._cli import _first_line
+    from normport.runtime.messages import first_line
 
-    assert _first_line(ValueError("")) == "ValueError"
-    assert _first_line(RuntimeError("\n  the real line\nmore")) == "the real line"
-    assert _first_line(OSError("plain")) == "plain"
+    assert first_line(ValueError("")) == "ValueError"
+    assert first_line(ValueError(""), default="") == ""
+    assert first_line(RuntimeError("\n  the real line\nmore")) == "the real line"
+    assert first_line(OSError("plain words"), limit=5) == "plain"
