@@ -3,8 +3,8 @@
 A probe (:mod:`runtime.serve.probe`) loads a model in a child process and measures its memory
 curve, which takes seconds per model.  Its result depends only on what the key hashes:
 
-    key = sha256(model.onnx bytes, config text, onnxruntime version, threads, providers,
-                 CPU architecture)
+    key = sha256(every file of the model's folder (model.onnx and any external data),
+                 config text, onnxruntime version, threads, providers, CPU architecture)
 
 so a later start with the same key reuses it without a child: the same bytes loaded and ran
 in the same onnxruntime before (crash isolation already proved them), and the memory curve is
@@ -51,14 +51,22 @@ class ProbeCache:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
 
-    def key(self, job: Job) -> str:
-        """The hex sha256 of everything the probe's result depends on (module docstring)."""
+    def key(self, job: Job) -> str | None:
+        """The hex sha256 of everything the probe's result depends on (module docstring);
+        None when a file cannot be read (the probe then runs, and reports the real error)."""
         import onnxruntime  # lazy: the parent needs only its version
 
         digest = hashlib.sha256()
-        with open(job.path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
+        folder = Path(job.path).parent  # the version folder, or Triton's model.onnx/ folder
+        try:
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                digest.update(f"{path.relative_to(folder)}\0".encode())
+                with open(path, "rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        digest.update(chunk)
+        except OSError as e:
+            log.warning("model %s is not readable for the probe cache (%s): probing it", folder, e)
+            return None
         facts = {
             "format": _FORMAT,
             "config": triton_config.to_text(job.config),

@@ -324,16 +324,19 @@ def _probe(
 ) -> list[Probed | ProbeFailed]:
     """Every pending version's probe result: kept ones from ``cache``, the others probed (and
     kept when they succeed)."""
-    keys = [cache.key(p.job) if cache else "" for p in pending]
-    results: list[Probed | ProbeFailed | None] = [cache.load(k) if cache else None for k in keys]
+    keys = [cache.key(p.job) if cache else None for p in pending]
+    results: list[Probed | ProbeFailed | None] = [
+        cache.load(k) if cache and k else None for k in keys
+    ]
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
         log.info("probing %d model version(s) (%d kept)", len(todo), len(pending) - len(todo))
         found = probe_all([pending[i].job for i in todo], timeout=timeout)
         for i, result in zip(todo, found, strict=True):
             results[i] = result
-            if cache is not None and isinstance(result, Probed):
-                cache.store(keys[i], result)
+            key = keys[i]
+            if cache is not None and key is not None and isinstance(result, Probed):
+                cache.store(key, result)
     return [r for r in results if r is not None]
 
 

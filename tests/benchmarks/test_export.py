@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -16,14 +15,6 @@ from benchmarks import export as bench
 pytestmark = pytest.mark.slow  # starts servers / times real runs
 
 SIDE_KEYS = {"opset", "ops", "functions", "ort_ops", "max_abs_diff", "valid", "ms", "iqr_ms"}
-
-
-@pytest.fixture
-def keep_threads() -> Iterator[None]:
-    """``main`` pins torch's thread count; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_quick_layer_run_writes_a_valid_report(tmp_path: Path, keep_threads: None) -> None:

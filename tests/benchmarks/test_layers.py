@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,6 @@ ROW_KEYS = {
     "device",
     "valid",
 }
-
-
-@pytest.fixture
-def keep_threads() -> Iterator[None]:
-    """``main`` pins torch's thread count; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_quick_run_writes_a_valid_report(tmp_path: Path, keep_threads: None) -> None:

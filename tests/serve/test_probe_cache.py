@@ -90,3 +90,24 @@ def test_an_unwritable_cache_only_warns(root, tmp_path, probes, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         _profiles(Repository(root, threads=1, probe_cache=blocked / "cache"))
     assert "is not writable" in caplog.text
+
+
+def test_external_data_is_part_of_the_key(root, tmp_path, probes) -> None:
+    """A file beside model.onnx (Triton's external data lives there) changes the key."""
+    cache = tmp_path / "cache"
+    Repository(root, threads=1, probe_cache=cache)
+    (root / "a" / "1" / "weights.bin").write_bytes(b"\0" * 16)
+    Repository(root, threads=1, probe_cache=cache)
+    assert probes[-1] == ["a"]
+
+
+def test_an_unreadable_model_is_probed_and_not_kept(root, tmp_path, probes, monkeypatch) -> None:
+    """Near miss of a hit: a key that cannot be computed never hits nor stores."""
+    from normport.runtime.serve import probe_cache
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(probe_cache.ProbeCache, "key", lambda self, job: None)
+    _profiles(Repository(root, threads=1, probe_cache=cache))
+    _profiles(Repository(root, threads=1, probe_cache=cache))
+    assert probes == [["a", "b"], ["a", "b"]]
+    assert not list(cache.glob("*.json"))
