@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from normport.export._names import fresh
+
 __all__ = ["REWRITES", "CannotRewrite", "Context", "Rewrite"]
 
 
@@ -39,11 +41,7 @@ class Context:
     taken: set[str]
 
     def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
+        return fresh(base, self.taken)
 
     def constant(self, base: str, value: np.ndarray) -> tuple[str, onnx.NodeProto]:
         name = self.fresh(base)

@@ -38,17 +38,14 @@ from normport.export.lowerings import lowering_for
 from normport.export.lowerings.batchnorm import batch_stats_function
 from normport.export.lowerings.switchable import switchable_function
 from normport.export.train_graph import (
-    MODE_KEY,
     STATE_NAMES,
-    StatefulLayer,
     TrainFunction,
     layer_path,
     state_pairs,
 )
 
-__all__ = ["REWRITES", "per_batch_form", "stateful_layers", "to_eval"]
+__all__ = ["REWRITES", "per_batch_form", "rewrite_to_eval"]
 
-_REQUIRED_METADATA = ("normport_version", "opset", MODE_KEY)
 _FLOAT_TYPES = (
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.DOUBLE,
@@ -141,60 +138,66 @@ def _check_supported(node: onnx.NodeProto) -> None:
         )
 
 
-def _metadata(model: onnx.ModelProto, batches: int, method: str | None) -> dict[str, str]:
-    metadata = {p.key: p.value for p in model.metadata_props}
-    missing = [k for k in _REQUIRED_METADATA if k not in metadata]
-    if missing or metadata[MODE_KEY] != "train":
-        raise ValueError(
-            f"not a normport training export: expected metadata {MODE_KEY}='train' (got "
-            f"{metadata.get(MODE_KEY)!r}); missing keys {missing}"
-        )
-    metadata[MODE_KEY] = "eval"
-    # The hash was taken over the PyTorch state_dict; the statistics are no longer that state.
-    if "weights_sha256" in metadata:
-        metadata["recalibrated_from_weights_sha256"] = metadata.pop("weights_sha256")
-    metadata["recalibration_batches"] = str(batches)
-    if method is not None:
-        metadata["recalibration_method"] = method
-    return metadata
-
-
-def to_eval(
-    train_model: onnx.ModelProto,
-    statistics: Mapping[str, np.ndarray],
-    *,
-    batches: int,
-    method: str | None = None,
+def rewrite_to_eval(
+    train_model: onnx.ModelProto, statistics: Mapping[str, np.ndarray], metadata: dict[str, str]
 ) -> onnx.ModelProto:
-    """See :func:`export.train_graph.to_eval`."""
+    """:func:`export.train_graph.to_eval` once ``metadata`` (the inference graph's) is known:
+    the statistics into the state initializers, every call through its rule, the state inputs
+    and outputs removed, then the clean-up of :func:`export._finalize.finalize`."""
     model = onnx.ModelProto()
     model.CopyFrom(train_model)
-    graph = model.graph
-    metadata = _metadata(model, batches, method)
     pairs = state_pairs(model)
-    missing = [name for name, _ in pairs if name not in statistics]
+    _set_statistics(model.graph, [name for name, _ in pairs], statistics)
+    em = _emitter(model, [name for name, _ in pairs])
+    nodes, rewritten = _rewrite_calls(model.graph, em)
+    if pairs and not rewritten:
+        raise ValueError(
+            "the training graph has running statistics but no normport training calls "
+            "(exported with inline=True?); export it with inline=False to recalibrate"
+        )
+    _drop_state(model.graph, {name for pair in pairs for name in pair})
+    model.graph.initializer.extend(em.initializers)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    _add_functions(model, em.functions)
+    # finalize's clean-up drops what is now dead: Dropout's constant feeds, the training
+    # functions, the normport opset import when no function is left.
+    return finalize(model, metadata)
+
+
+def _set_statistics(
+    graph: onnx.GraphProto, names: list[str], statistics: Mapping[str, np.ndarray]
+) -> None:
+    """Each state initializer takes its value from ``statistics``, in its own dtype."""
+    missing = [name for name in names if name not in statistics]
     if missing:
         raise ValueError(f"no recalibrated value for state input(s) {missing}")
     initializers = {t.name: t for t in graph.initializer}
-    for name, _ in pairs:
+    for name in names:
         old = initializers[name]
-        new = numpy_helper.from_array(
-            np.asarray(statistics[name]).astype(helper.tensor_dtype_to_np_dtype(old.data_type)),
-            name,
-        )
-        old.CopyFrom(new)
-    running_mean = next((initializers[n] for n, _ in pairs if n.endswith(STATE_NAMES[0])), None)
-    elem_type = running_mean.data_type if running_mean is not None else onnx.TensorProto.FLOAT
+        dtype = helper.tensor_dtype_to_np_dtype(old.data_type)
+        old.CopyFrom(numpy_helper.from_array(np.asarray(statistics[name]).astype(dtype), name))
+
+
+def _emitter(model: onnx.ModelProto, state: list[str]) -> Emitter:
+    """An emitter for the lowerings, at the model's opset and the running statistics' dtype,
+    with every name in the graph taken."""
+    graph = model.graph
+    means = [t for t in graph.initializer if t.name in state and t.name.endswith(STATE_NAMES[0])]
+    elem_type = means[0].data_type if means else onnx.TensorProto.FLOAT
     taken = {t.name for t in graph.initializer} | {v.name for v in graph.input}
     taken |= {v.name for v in graph.output} | {n.name for n in graph.node}
     taken |= {o for n in graph.node for o in (*n.input, *n.output)}
-    opset = default_opset(model)
-    em = Emitter(
-        opset,
+    return Emitter(
+        default_opset(model),
         elem_type,
         taken=taken,
-        initializer_values={n: numpy_helper.to_array(t) for n, t in initializers.items()},
+        initializer_values={t.name: numpy_helper.to_array(t) for t in graph.initializer},
     )
+
+
+def _rewrite_calls(graph: onnx.GraphProto, em: Emitter) -> tuple[list[onnx.NodeProto], int]:
+    """The graph's nodes with every rule applied, and how many training calls it rewrote."""
     consumed = {i for n in graph.node for i in n.input}
     nodes: list[onnx.NodeProto] = []
     rewritten = 0
@@ -209,23 +212,21 @@ def to_eval(
         else:
             _check_supported(node)
             nodes.append(node)
-    if pairs and not rewritten:
-        raise ValueError(
-            "the training graph has running statistics but no normport training calls "
-            "(exported with inline=True?); export it with inline=False to recalibrate"
-        )
-    state = {name for pair in pairs for name in pair}
-    kept_inputs = [v for v in graph.input if v.name not in state]
-    kept_outputs = [v for v in graph.output if v.name not in state]
-    graph.ClearField("input")
-    graph.input.extend(kept_inputs)
-    graph.ClearField("output")
-    graph.output.extend(kept_outputs)
-    graph.initializer.extend(em.initializers)
-    graph.ClearField("node")
-    graph.node.extend(nodes)
+    return nodes, rewritten
+
+
+def _drop_state(graph: onnx.GraphProto, state: set[str]) -> None:
+    """Removes the state inputs and outputs (the initializers stay: the lowerings read them)."""
+    for field in (graph.input, graph.output):
+        kept = [v for v in field if v.name not in state]
+        del field[:]
+        field.extend(kept)
+
+
+def _add_functions(model: onnx.ModelProto, added: Mapping[str, onnx.FunctionProto]) -> None:
+    """The lowerings' functions join the model's, sorted by name; one name, one body."""
     functions = {f.name: f for f in model.functions}
-    for name, function in em.functions.items():
+    for name, function in added.items():
         if name in functions and functions[name].SerializeToString() != (
             function.SerializeToString()
         ):
@@ -233,27 +234,6 @@ def to_eval(
         functions[name] = function
     model.ClearField("functions")
     model.functions.extend(functions[name] for name in sorted(functions))
-    # finalize's clean-up drops what is now dead: Dropout's constant feeds, the training
-    # functions, the normport opset import when no function is left.
-    return finalize(model, metadata)
-
-
-def stateful_layers(model: onnx.ModelProto) -> list[StatefulLayer]:
-    """See :func:`export.train_graph.stateful_layers`."""
-    layers = []
-    for node in model.graph.node:
-        if node.domain != FUNCTION_DOMAIN or node.op_type not in REWRITES:
-            continue
-        call = TrainFunction(node.op_type)
-        if call is TrainFunction.INSTANCENORM_FROZEN:
-            momentum: float | None = 0.0
-        elif call.value.endswith("Cumulative"):
-            momentum = None
-        else:
-            momentum = float(_attrs(node)["momentum"])
-        state = (node.input[3], node.input[4], node.input[5])
-        layers.append(StatefulLayer(layer_path(node), call, momentum, state))
-    return layers
 
 
 def _elem_type(model: onnx.ModelProto) -> int:

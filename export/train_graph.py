@@ -30,6 +30,8 @@ from enum import StrEnum
 import numpy as np
 import onnx
 
+from normport.export._emit import FUNCTION_DOMAIN
+
 __all__ = [
     "MODE_KEY",
     "NEXT_SUFFIX",
@@ -48,6 +50,7 @@ __all__ = [
 STATE_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 NEXT_SUFFIX = ".next"
 MODE_KEY = "mode"  # metadata_props key: "train" or "eval"
+_REQUIRED_METADATA = ("normport_version", "opset", MODE_KEY)
 
 
 class TrainFunction(StrEnum):
@@ -144,9 +147,27 @@ class StatefulLayer:
 
 def stateful_layers(model: onnx.ModelProto) -> list[StatefulLayer]:
     """The :class:`TrainFunction` calls of ``model``, in graph order."""
-    from normport.export._train_rewrite import stateful_layers as find
+    calls = {f.value for f in TrainFunction}
+    layers = []
+    for node in model.graph.node:
+        if node.domain != FUNCTION_DOMAIN or node.op_type not in calls:
+            continue
+        call = TrainFunction(node.op_type)
+        layers.append(StatefulLayer(layer_path(node), call, _momentum(node, call), _state(node)))
+    return layers
 
-    return find(model)
+
+def _momentum(node: onnx.NodeProto, call: TrainFunction) -> float | None:
+    if call is TrainFunction.INSTANCENORM_FROZEN:
+        return 0.0
+    if call.value.endswith("Cumulative"):
+        return None
+    attr = next(a for a in node.attribute if a.name == "momentum")
+    return float(onnx.helper.get_attribute_value(attr))
+
+
+def _state(node: onnx.NodeProto) -> tuple[str, str, str]:
+    return node.input[3], node.input[4], node.input[5]
 
 
 def to_eval(
@@ -170,9 +191,30 @@ def to_eval(
         ValueError: not a normport training graph, missing statistics, or a node with no
             inference form (named).
     """
-    from normport.export._train_rewrite import to_eval as rewrite
+    metadata = _eval_metadata(train_model, batches, method)
+    from normport.export._train_rewrite import rewrite_to_eval
 
-    return rewrite(train_model, statistics, batches=batches, method=method)
+    return rewrite_to_eval(train_model, statistics, metadata)
+
+
+def _eval_metadata(model: onnx.ModelProto, batches: int, method: str | None) -> dict[str, str]:
+    """The training export's metadata for its inference graph: ``mode=eval``, the PyTorch
+    weights hash kept as ``recalibrated_from_weights_sha256`` (the statistics are no longer
+    that state), and how the statistics were estimated."""
+    metadata = {p.key: p.value for p in model.metadata_props}
+    missing = [k for k in _REQUIRED_METADATA if k not in metadata]
+    if missing or metadata[MODE_KEY] != "train":
+        raise ValueError(
+            f"not a normport training export: expected metadata {MODE_KEY}='train' (got "
+            f"{metadata.get(MODE_KEY)!r}); missing keys {missing}"
+        )
+    metadata[MODE_KEY] = "eval"
+    if "weights_sha256" in metadata:
+        metadata["recalibrated_from_weights_sha256"] = metadata.pop("weights_sha256")
+    metadata["recalibration_batches"] = str(batches)
+    if method is not None:
+        metadata["recalibration_method"] = method
+    return metadata
 
 
 def per_batch_form(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -8,16 +8,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import onnx
+
 from normport.export._emit import Emitter, Inputs
 from normport.export._placeholder import LayerSpec
 
 __all__ = [
     "REGISTRY",
+    "Layout",
     "Lowering",
     "affine_inputs",
     "batch_normalization",
+    "call",
     "lowering_for",
     "node_name",
+    "op",
     "register",
 ]
 
@@ -61,6 +66,37 @@ def lowering_for(spec: LayerSpec) -> Lowering:
     return lowering
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where a layer's statistics are taken: the ``axes`` reduced, and the ``channel_shape``
+    its per-channel scale and bias are reshaped to (``[C, 1, 1]`` for ``(N, C, H, W)``)."""
+
+    axes: tuple[int, ...]
+    channel_shape: tuple[int, ...]
+
+    @classmethod
+    def channels_first(cls, spec: LayerSpec, *, per_instance: bool = False) -> Layout:
+        """``(N, C, *)``: over N and the spatial axes, or the spatial axes alone."""
+        spatial = tuple(range(2, spec.rank))
+        return cls(
+            spatial if per_instance else (0, *spatial), (spec.channels,) + (1,) * len(spatial)
+        )
+
+    @classmethod
+    def channels_last(cls, spec: LayerSpec) -> Layout:
+        """``(N, L, C)``: over every axis but the last."""
+        return cls(tuple(range(spec.rank - 1)), (spec.channels,))
+
+    @classmethod
+    def trailing(cls, spec: LayerSpec) -> Layout:
+        """LayerNorm's: over the trailing ``normalized_shape``, which the affine has."""
+        return cls(tuple(range(-spec.normalized_ndim, 0)), tuple(spec.normalized_shape))
+
+    def attrs(self) -> dict[str, list[int]]:
+        """The ``axes`` and ``channel_shape`` attributes of a function call."""
+        return {"axes": list(self.axes), "channel_shape": list(self.channel_shape)}
+
+
 def affine_inputs(em: Emitter, spec: LayerSpec, ins: Inputs, shape=None) -> tuple[str, str]:
     """Scale and bias names; ones / zeros constants where the layer has no affine."""
     shape = (spec.channels,) if shape is None else shape
@@ -72,18 +108,33 @@ def affine_inputs(em: Emitter, spec: LayerSpec, ins: Inputs, shape=None) -> tupl
 def batch_normalization(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
     """Inference with running statistics: one standard ``BatchNormalization`` (opsets 13-28)."""
     scale, bias = affine_inputs(em, spec, ins)
-    em.node(
-        "BatchNormalization",
-        [ins.x, scale, bias, ins.running_mean, ins.running_var],
-        outs[:1],
-        name=node_name(spec, "BatchNormalization"),
-        epsilon=spec.eps,
-    )
+    stats = [ins.running_mean, ins.running_var]
+    op(em, spec, "BatchNormalization", [ins.x, scale, bias, *stats], outs, epsilon=spec.eps)
 
 
 def node_name(spec: LayerSpec, op: str) -> str:
     """Node names follow module paths, so the graph reads well in a viewer."""
     return f"{spec.path or spec.cls}/{op}"
+
+
+def op(
+    em: Emitter, spec: LayerSpec, op_type: str, inputs: list[str], outs: list[str], **attrs
+) -> None:
+    """The layer as one standard op: its output is the layer's (``outs[0]``)."""
+    em.node(op_type, inputs, outs[:1], name=node_name(spec, op_type), **attrs)
+
+
+def call(
+    em: Emitter,
+    spec: LayerSpec,
+    function: onnx.FunctionProto,
+    inputs: list[str],
+    outs: list[str],
+    **attrs,
+) -> None:
+    """The layer as one call of ``function``, with as many of ``outs`` as it has outputs."""
+    outputs = outs[: len(function.output)]
+    em.call(function, inputs, outputs, name=node_name(spec, function.name), **attrs)
 
 
 # Importing the modules registers their lowerings.

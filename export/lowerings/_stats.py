@@ -12,7 +12,9 @@ with ``m = momentum``, or ``m = 1 / (num_batches_tracked + 1)`` for the cumulati
 
 from __future__ import annotations
 
-from normport.export._emit import Body
+import onnx_ir as ir
+
+from normport.export.lowerings._body import Body
 
 __all__ = ["STAT_INPUTS", "STAT_OUTPUTS", "count_per_channel", "running_update"]
 
@@ -20,59 +22,45 @@ STAT_INPUTS = ("running_mean", "running_var", "num_batches_tracked")
 STAT_OUTPUTS = ("new_mean", "new_var", "new_count")
 
 
-def count_per_channel(b: Body, x: str, per_channel_stat: str) -> str:
+def count_per_channel(f: Body, x: ir.Value, per_channel_stat: ir.Value) -> ir.Value:
     """``n``: values per statistics channel, ``Size(x) / Size(stat)``, compute-typed."""
-    size_x, size_s, n = b.tmp("size"), b.tmp("size"), b.tmp("n")
-    b(f"{size_x} = Size ({x})")
-    b(f"{size_s} = Size ({per_channel_stat})")
-    fx, fs = b.tmp("size"), b.tmp("size")
-    b(f"{fx} = Cast <to = {b.compute_type}> ({size_x})")
-    b(f"{fs} = Cast <to = {b.compute_type}> ({size_s})")
-    b(f"{n} = Div ({fx}, {fs})")
-    return n
+    size_x = f.Cast(f.Size(x), to=f.compute_type)
+    return f.Div(size_x, f.Cast(f.Size(per_channel_stat), to=f.compute_type))
 
 
 def running_update(
-    b: Body, mean_c: str, var_c: str, n: str, *, momentum: str, counts: bool
-) -> None:
-    """Emit ``new_mean``, ``new_var``, ``new_count`` from per-channel ``(C,)`` batch stats.
+    f: Body,
+    mean_c: ir.Value,
+    var_c: ir.Value,
+    n: ir.Value,
+    running: tuple[ir.Value, ir.Value, ir.Value],
+    *,
+    momentum: str,
+    counts: bool,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """``(new_mean, new_var, new_count)`` from per-channel ``(C,)`` batch statistics and the
+    ``running`` ``(running_mean, running_var, num_batches_tracked)``.
 
     ``momentum``: ``"attr"`` (the function's float attribute), ``"cumulative"``
     (``1 / (num_batches_tracked + 1)``) or ``"zero"`` (InstanceNorm with momentum=None).
     ``counts``: whether ``num_batches_tracked`` advances (False for InstanceNorm).
     """
-    one = b.scalar(1.0)
-    if counts:
-        step = b.tmp("step")
-        b(f"{step} = Constant <value = int64 {{1}}> ()")
-        b(f"new_count = Add (num_batches_tracked, {step})")
-    else:
-        b("new_count = Identity (num_batches_tracked)")
+    running_mean, running_var, count = running
+    one = f.scalar(1.0)
+    new_count = f.Add(count, f.int64(1)) if counts else count
     if momentum == "attr":
-        m = b.scalar_attr("momentum")
+        m = f.float_attr("momentum")
     elif momentum == "cumulative":
-        counted, m = b.tmp("counted"), b.tmp("m")
-        b(f"{counted} = Cast <to = {b.compute_type}> (new_count)")
-        b(f"{m} = Div ({one}, {counted})")
+        m = f.Div(one, f.Cast(new_count, to=f.compute_type))
     else:
-        m = b.scalar(0.0)
-    keep = b.tmp("keep")
-    b(f"{keep} = Sub ({one}, {m})")
-    # Unbiased variance for the running estimate: var * n / (n - 1).
-    n1, unbiased, ratio = b.tmp("n1"), b.tmp("unbiased"), b.tmp("ratio")
-    b(f"{n1} = Sub ({n}, {one})")
-    b(f"{ratio} = Div ({n}, {n1})")
-    b(f"{unbiased} = Mul ({var_c}, {ratio})")
-    for old, new, stat in (
-        ("running_mean", "new_mean", mean_c),
-        ("running_var", "new_var", unbiased),
-    ):
-        oldc = b.to_compute(old)
-        a, c, s = b.tmp("a"), b.tmp("c"), b.tmp("s")
-        b(f"{a} = Mul ({oldc}, {keep})")
-        b(f"{c} = Mul ({stat}, {m})")
-        b(f"{s} = Add ({a}, {c})")
-        b.to_output(s, new)
+        m = f.scalar(0.0)
+    keep = f.Sub(one, m)
+    unbiased = f.Mul(var_c, f.Div(n, f.Sub(n, one)))  # var * n / (n - 1)
+    new_mean, new_var = (
+        f.output(f.Add(f.Mul(f.compute(old), keep), f.Mul(stat, m)))
+        for old, stat in ((running_mean, mean_c), (running_var, unbiased))
+    )
+    return new_mean, new_var, new_count
 
 
 def momentum_mode(momentum: float | None, *, instance: bool = False) -> str:

@@ -11,18 +11,21 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
-from normport.export._emit import Body, Emitter, Inputs
+from normport.export._emit import Emitter, Inputs
 from normport.export._placeholder import LayerSpec
-from normport.export.lowerings import affine_inputs, batch_normalization, node_name, register
-from normport.export.lowerings._stats import (
-    STAT_INPUTS,
-    STAT_OUTPUTS,
-    count_per_channel,
-    momentum_attr,
-    momentum_mode,
-    running_update,
+from normport.export.lowerings import (
+    Layout,
+    _stats,
+    affine_inputs,
+    batch_normalization,
+    call,
+    node_name,
+    op,
+    register,
 )
+from normport.export.lowerings._body import Body, define
 from normport.export.lowerings.eps_outside import lower_eps_outside
 from normport.export.train_graph import TrainFunction
 
@@ -31,41 +34,36 @@ __all__ = ["batch_stats_function", "lower_batchnorm"]
 
 def batch_stats_function(
     em: Emitter, name: str, *, momentum: str | None, counts: bool = True, instance: bool = False
-):
-    """``Y`` normalized with batch statistics over ``@axes``; with ``momentum`` also the
-    updated running statistics (see :mod:`export.lowerings._stats`)."""
-    b: Body = em.body()
-    x = b.to_compute("X")
-    mean = b.reduce_mean(x, "@axes")
-    d, d2 = b.tmp("d"), b.tmp("d2")
-    b(f"{d} = Sub ({x}, {mean})")
-    b(f"{d2} = Mul ({d}, {d})")
-    var = b.reduce_mean(d2, "@axes")
-    eps = b.scalar_attr("epsilon")
-    ve, std, xn = b.tmp("ve"), b.tmp("std"), b.tmp("xn")
-    b(f"{ve} = Add ({var}, {eps})")
-    b(f"{std} = Sqrt ({ve})")
-    b(f"{xn} = Div ({d}, {std})")
-    b.to_output(b.channel_affine(xn), "Y")
-    attrs = ["epsilon", "axes", "channel_shape"]
-    inputs, outputs = ["X", "Scale", "B"], ["Y"]
-    if momentum is not None:
-        n = count_per_channel(b, "X", mean)
-        flat = b.ints([-1])
+) -> onnx.FunctionProto:
+    """``Y`` normalized with batch statistics over the ``axes`` attribute; with ``momentum``
+    also the updated running statistics (see :mod:`export.lowerings._stats`)."""
+    train = momentum is not None
+
+    def body(f: Body, x_in, scale, bias, *running):
+        x = f.compute(x_in)
+        mean, d, var = f.moments(x, "axes")
+        y = f.output(f.channel_affine(f.standardize(d, var), scale, bias))
+        if not train:
+            return y
+        n = _stats.count_per_channel(f, x_in, mean)
         if instance:  # per-instance statistics (N, C): the running estimate takes their mean
-            nc = b.ints([0, -1])
-            for stat in (mean, var):
-                b(f"{stat}_nc = Reshape ({stat}, {nc})")
-            mean_c, var_c = b.reduce_mean(f"{mean}_nc", [0]), b.reduce_mean(f"{var}_nc", [0])
-        else:
-            mean_c, var_c = mean, var
-        b(f"mean_flat = Reshape ({mean_c}, {flat})")
-        b(f"var_flat = Reshape ({var_c}, {flat})")
-        running_update(b, "mean_flat", "var_flat", n, momentum=momentum, counts=counts)
-        attrs += ["momentum"] if momentum == "attr" else []
-        inputs += list(STAT_INPUTS)
-        outputs += list(STAT_OUTPUTS)
-    return b.function(name, attrs, inputs, outputs)
+            nc = f.ints([0, -1])
+            mean = f.reduce_mean(f.Reshape(mean, nc), [0])
+            var = f.reduce_mean(f.Reshape(var, nc), [0])
+        flat = f.ints([-1])
+        mean_c, var_c = f.Reshape(mean, flat), f.Reshape(var, flat)
+        return y, *_stats.running_update(
+            f, mean_c, var_c, n, running, momentum=momentum, counts=counts
+        )
+
+    return define(
+        em,
+        name,
+        body,
+        inputs=["X", "Scale", "B", *(_stats.STAT_INPUTS if train else ())],
+        outputs=["Y", *(_stats.STAT_OUTPUTS if train else ())],
+        attributes=["epsilon", "axes", "channel_shape", *(["momentum"] * (momentum == "attr"))],
+    )
 
 
 def _variant(base: str, momentum: str | None) -> str:
@@ -73,81 +71,58 @@ def _variant(base: str, momentum: str | None) -> str:
 
 
 def lower_batch_stats(
-    em: Emitter,
-    spec: LayerSpec,
-    ins: Inputs,
-    outs: list[str],
-    *,
-    axes: list[int],
-    channel_shape: list[int],
-    base: str,
-    instance: bool = False,
+    em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str], layout: Layout, *, base: str
 ) -> None:
+    """The call of ``<base>BatchStats`` or, updating running statistics, ``<base>Train...``
+    (``base``: ``BatchNorm`` or ``InstanceNorm``)."""
+    instance = base == "InstanceNorm"
     scale, bias = affine_inputs(em, spec, ins)
-    attrs = {"epsilon": spec.eps, "axes": axes, "channel_shape": channel_shape}
+    inputs = [ins.x, scale, bias]
+    attrs = {"epsilon": spec.eps, **layout.attrs()}
     if spec.update_stats:
-        mode = momentum_mode(spec.momentum, instance=instance)
-        fn = batch_stats_function(
-            em,
-            TrainFunction(_variant(base + "Train", mode)),
-            momentum=mode,
-            counts=not instance,
-            instance=instance,
-        )
-        attrs |= momentum_attr(spec.momentum)
-        stats = [ins.running_mean, ins.running_var, ins.num_batches_tracked]
-        em.call(fn, [ins.x, scale, bias, *stats], outs, name=node_name(spec, fn.name), **attrs)
+        mode = _stats.momentum_mode(spec.momentum, instance=instance)
+        name = TrainFunction(_variant(base + "Train", mode))
+        fn = batch_stats_function(em, name, momentum=mode, counts=not instance, instance=instance)
+        inputs += [ins.running_mean, ins.running_var, ins.num_batches_tracked]
+        attrs |= _stats.momentum_attr(spec.momentum)
     else:
         fn = batch_stats_function(em, base + "BatchStats", momentum=None)
-        em.call(fn, [ins.x, scale, bias], outs[:1], name=node_name(spec, fn.name), **attrs)
+    call(em, spec, fn, inputs, outs, **attrs)
+
+
+def _lower_per_channel(
+    em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str], layout: Layout
+) -> bool:
+    """The forms both BatchNorm layouts share: eps outside the root, or batch statistics.
+    False when the layer uses running statistics (the caller's form)."""
+    if not spec.eps_in_root:
+        lower_eps_outside(em, spec, ins, outs, layout)
+    elif spec.batch_stats:
+        lower_batch_stats(em, spec, ins, outs, layout, base="BatchNorm")
+    else:
+        return False
+    return True
 
 
 # Emits: BatchNormalization (eval); function BatchNormTrain / BatchNormBatchStats; function
 # NormalizeStdPlusEps (batch statistics, eps outside the root)
 @register("batchnorm", eps_outside_root=True)
 def lower_batchnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
-    axes, channel_shape = [0, *range(2, spec.rank)], [spec.channels] + [1] * (spec.rank - 2)
-    if not spec.eps_in_root:
-        lower_eps_outside(em, spec, ins, outs, axes=axes, channel_shape=channel_shape)
-        return
-    if spec.batch_stats:
-        lower_batch_stats(
-            em,
-            spec,
-            ins,
-            outs,
-            axes=axes,
-            channel_shape=channel_shape,
-            base="BatchNorm",
-        )
-        return
-    batch_normalization(em, spec, ins, outs)
+    if not _lower_per_channel(em, spec, ins, outs, Layout.channels_first(spec)):
+        batch_normalization(em, spec, ins, outs)
 
 
 # Emits: X * scale + shift (eval); function BatchNormTrain (train); function NormalizeStdPlusEps
 # (batch statistics, eps outside the root)
 @register("sequence_batchnorm", eps_outside_root=True)
 def lower_sequence_batchnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
-    if not spec.eps_in_root:
-        axes = list(range(spec.rank - 1))
-        lower_eps_outside(em, spec, ins, outs, axes=axes, channel_shape=[spec.channels])
-        return
-    if spec.batch_stats:
-        lower_batch_stats(
-            em,
-            spec,
-            ins,
-            outs,
-            axes=list(range(spec.rank - 1)),
-            channel_shape=[spec.channels],
-            base="BatchNorm",
-        )
+    if _lower_per_channel(em, spec, ins, outs, Layout.channels_last(spec)):
         return
     # Folded at export time from the exported running statistics: y = x * s + t.
     s, t = _folded(em, spec, ins)
     scaled = em.fresh(f"{spec.path}.scaled")
     em.node("Mul", [ins.x, s], [scaled], name=node_name(spec, "Mul"))
-    em.node("Add", [scaled, t], outs[:1], name=node_name(spec, "Add"))
+    op(em, spec, "Add", [scaled, t], outs)
 
 
 def _folded(em: Emitter, spec: LayerSpec, ins: Inputs) -> tuple[str, str]:

@@ -6,58 +6,50 @@ scale and bias are per *group*, is never emitted: onnx's checker rejects it in o
 
 from __future__ import annotations
 
+import onnx
+import onnx_ir as ir
+
 from normport.export._emit import Emitter, Inputs
 from normport.export._placeholder import LayerSpec
-from normport.export.lowerings import affine_inputs, node_name, register
+from normport.export.lowerings import Layout, affine_inputs, call, op, register
+from normport.export.lowerings._body import Body, define
 
 STANDARD_OPSET = 21
 
 
-def _function(em: Emitter):
-    b = em.body()
-    x = b.to_compute("X")
-    xr, xn, xb = b.tmp("xr"), b.tmp("xn"), b.tmp("xb")
-    b(f"{xr} = Reshape ({x}, {b.ints('@group_shape')})")
-    groups = b.ints("@groups")
-    one, zero = b.tmp("one"), b.tmp("zero")
-    b(f"{one} = ConstantOfShape <value = {b.ct}[1] {{1.0}}> ({groups})")
-    b(f"{zero} = ConstantOfShape <value = {b.ct}[1] {{0.0}}> ({groups})")
-    b(f"{xn} = InstanceNormalization <epsilon: float = @epsilon> ({xr}, {one}, {zero})")
-    shape = b.tmp("shape")
-    b(f"{shape} = Shape (X)")
-    b(f"{xb} = Reshape ({xn}, {shape})")
-    b.to_output(b.channel_affine(xb), "Y")
-    return b.function(
-        "GroupNorm",
-        ["epsilon", "group_shape", "groups", "channel_shape"],
-        ["X", "Scale", "B"],
-        ["Y"],
-    )
+def _body(f: Body, x_in, scale, bias):
+    """Per group: reshape to ``group_shape`` ``(N, G, -1)``, InstanceNormalization with unit
+    scale and zero bias, reshape back, then the per-channel affine."""
+    xr = f.Reshape(f.compute(x_in), f.ints("group_shape"))
+    groups = f.ints("groups")
+    epsilon = ir.RefAttr("epsilon", "epsilon", ir.AttributeType.FLOAT)
+    xn = f.InstanceNormalization(xr, f.filled(groups, 1.0), f.filled(groups, 0.0), epsilon=epsilon)
+    xb = f.Reshape(xn, f.Shape(x_in))
+    return f.output(f.channel_affine(xb, scale, bias))
+
+
+def _function(em: Emitter) -> onnx.FunctionProto:
+    attributes = ["epsilon", "group_shape", "groups", "channel_shape"]
+    return define(em, "GroupNorm", _body, attributes=attributes)
 
 
 # Emits: GroupNormalization-21 (opset >= 21); function GroupNorm below
 @register("groupnorm")
 def lower_groupnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
     scale, bias = affine_inputs(em, spec, ins)
+    inputs = [ins.x, scale, bias]
     if em.opset >= STANDARD_OPSET:
-        em.node(
-            "GroupNormalization",
-            [ins.x, scale, bias],
-            outs[:1],
-            name=node_name(spec, "GroupNormalization"),
-            epsilon=spec.eps,
-            num_groups=spec.num_groups,
-            stash_type=1,
-        )
+        attrs = {"num_groups": spec.num_groups, "stash_type": 1}
+        op(em, spec, "GroupNormalization", inputs, outs, epsilon=spec.eps, **attrs)
         return
-    fn = _function(em)
-    em.call(
-        fn,
-        [ins.x, scale, bias],
-        outs[:1],
-        name=node_name(spec, fn.name),
+    call(
+        em,
+        spec,
+        _function(em),
+        inputs,
+        outs,
         epsilon=spec.eps,
         group_shape=[0, spec.num_groups, -1],
         groups=[spec.num_groups],
-        channel_shape=[spec.channels] + [1] * (spec.rank - 2),
+        channel_shape=list(Layout.channels_first(spec).channel_shape),
     )

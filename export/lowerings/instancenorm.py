@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from normport.export._emit import Emitter, Inputs
 from normport.export._placeholder import LayerSpec
-from normport.export.lowerings import affine_inputs, batch_normalization, node_name, register
+from normport.export.lowerings import Layout, affine_inputs, batch_normalization, op, register
 from normport.export.lowerings.batchnorm import lower_batch_stats
 
 
@@ -24,24 +24,10 @@ def lower_instancenorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str
             "instance normalization needs a batched (N, C, *) input; add the batch axis"
         )
     if spec.update_stats:
-        lower_batch_stats(
-            em,
-            spec,
-            ins,
-            outs,
-            axes=list(range(2, spec.rank)),
-            channel_shape=[spec.channels] + [1] * (spec.rank - 2),
-            base="InstanceNorm",
-            instance=True,
-        )
+        layout = Layout.channels_first(spec, per_instance=True)
+        lower_batch_stats(em, spec, ins, outs, layout, base="InstanceNorm")
     elif spec.batch_stats:
         scale, bias = affine_inputs(em, spec, ins)
-        em.node(
-            "InstanceNormalization",
-            [ins.x, scale, bias],
-            outs[:1],
-            name=node_name(spec, "InstanceNormalization"),
-            epsilon=spec.eps,
-        )
+        op(em, spec, "InstanceNormalization", [ins.x, scale, bias], outs, epsilon=spec.eps)
     else:
         batch_normalization(em, spec, ins, outs)

@@ -11,45 +11,49 @@
 
 from __future__ import annotations
 
+import onnx
+
 from normport.export._emit import Emitter, Inputs
 from normport.export._placeholder import LayerSpec
-from normport.export.lowerings import affine_inputs, node_name, register
+from normport.export.lowerings import Layout, affine_inputs, call, op, register
+from normport.export.lowerings._body import Body, define
 from normport.export.lowerings.eps_outside import lower_eps_outside
 
 LAYERNORM_OPSET = 17
 RMSNORM_OPSET = 23
 
 
-def _trailing(spec: LayerSpec) -> list[int]:
-    return list(range(-spec.normalized_ndim, 0))
+def _function(em: Emitter, *, center: bool) -> onnx.FunctionProto:
+    """LayerNorm (``center``) or RMSNorm over the ``axes`` attribute, as the Pow / ReduceMean
+    chain onnxruntime fuses."""
+
+    def body(f: Body, x_in, scale, bias=None):
+        x = f.compute(x_in)
+        d = f.Sub(x, f.reduce_mean(x, "axes")) if center else x
+        var = f.reduce_mean(f.Pow(d, f.scalar(2.0)), "axes")
+        y = f.Mul(f.standardize(d, var), f.compute(scale))
+        return f.output(f.Add(y, f.compute(bias)) if center else y)
+
+    inputs = ["X", "Scale", *(["B"] * center)]
+    name = "LayerNorm" if center else "RMSNorm"
+    return define(em, name, body, inputs=inputs, attributes=["axes", "epsilon"])
 
 
-def _function(em: Emitter, *, center: bool):
-    b = em.body()
-    x = b.to_compute("X")
-    two = b.scalar(2.0)
-    if center:
-        mean, d = b.reduce_mean(x, "@axes"), b.tmp("d")
-        b(f"{d} = Sub ({x}, {mean})")
-    else:
-        d = x
-    p = b.tmp("p")
-    b(f"{p} = Pow ({d}, {two})")
-    var = b.reduce_mean(p, "@axes")
-    eps = b.scalar_attr("epsilon")
-    ve, std, xn, y = b.tmp("ve"), b.tmp("std"), b.tmp("xn"), b.tmp("y")
-    b(f"{ve} = Add ({var}, {eps})")
-    b(f"{std} = Sqrt ({ve})")
-    b(f"{xn} = Div ({d}, {std})")
-    b(f"{y} = Mul ({xn}, {b.to_compute('Scale')})")
-    inputs = ["X", "Scale"]
-    if center:
-        yb = b.tmp("y")
-        b(f"{yb} = Add ({y}, {b.to_compute('B')})")
-        y = yb
-        inputs.append("B")
-    b.to_output(y, "Y")
-    return b.function("LayerNorm" if center else "RMSNorm", ["axes", "epsilon"], inputs, ["Y"])
+def _lower(
+    em: Emitter, spec: LayerSpec, inputs: list[str], outs: list[str], *, center: bool
+) -> None:
+    """The standard op from its opset (``axis=-k``, ``stash_type=1``: float32 statistics),
+    else the function; ``inputs``: X, Scale and, for LayerNorm, B."""
+    standard, since = ("LayerNormalization", LAYERNORM_OPSET) if center else _RMS
+    if em.opset >= since:
+        attrs = {"axis": -spec.normalized_ndim, "stash_type": 1}
+        op(em, spec, standard, inputs, outs, epsilon=spec.eps, **attrs)
+        return
+    fn = _function(em, center=center)
+    call(em, spec, fn, inputs, outs, axes=list(Layout.trailing(spec).axes), epsilon=spec.eps)
+
+
+_RMS = ("RMSNormalization", RMSNORM_OPSET)
 
 
 # Emits: LayerNormalization (opset >= 17); function LayerNorm below; function NormalizeStdPlusEps
@@ -57,55 +61,17 @@ def _function(em: Emitter, *, center: bool):
 @register("layernorm", eps_outside_root=True)
 def lower_layernorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
     if not spec.eps_in_root:
-        shape = list(spec.normalized_shape)
-        lower_eps_outside(em, spec, ins, outs, axes=_trailing(spec), channel_shape=shape)
+        lower_eps_outside(em, spec, ins, outs, Layout.trailing(spec))
         return
     scale, bias = affine_inputs(em, spec, ins, tuple(spec.normalized_shape))
-    if em.opset >= LAYERNORM_OPSET:  # B is optional here: no zeros for bias=False
-        inputs = [ins.x, scale] + ([ins.bias] if ins.bias else [])
-        em.node(
-            "LayerNormalization",
-            inputs,
-            outs[:1],
-            name=node_name(spec, "LayerNormalization"),
-            axis=-spec.normalized_ndim,
-            epsilon=spec.eps,
-            stash_type=1,
-        )
-        return
-    fn = _function(em, center=True)
-    em.call(
-        fn,
-        [ins.x, scale, bias],
-        outs[:1],
-        name=node_name(spec, fn.name),
-        axes=_trailing(spec),
-        epsilon=spec.eps,
-    )
+    if em.opset >= LAYERNORM_OPSET:  # B is optional there: no zeros for bias=False
+        bias = ins.bias
+    _lower(em, spec, [ins.x, scale, *([bias] if bias else [])], outs, center=True)
 
 
 # Emits: RMSNormalization (opset >= 23); function RMSNorm below
 @register("rmsnorm")
 def lower_rmsnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
+    # eps=None was resolved at trace time to finfo(input dtype).eps
     scale, _ = affine_inputs(em, spec, ins, tuple(spec.normalized_shape))
-    eps = spec.eps  # eps=None was resolved at trace time to finfo(input dtype).eps
-    if em.opset >= RMSNORM_OPSET:
-        em.node(
-            "RMSNormalization",
-            [ins.x, scale],
-            outs[:1],
-            name=node_name(spec, "RMSNormalization"),
-            axis=-spec.normalized_ndim,
-            epsilon=eps,
-            stash_type=1,
-        )
-        return
-    fn = _function(em, center=False)
-    em.call(
-        fn,
-        [ins.x, scale],
-        outs[:1],
-        name=node_name(spec, fn.name),
-        axes=_trailing(spec),
-        epsilon=eps,
-    )
+    _lower(em, spec, [ins.x, scale], outs, center=False)

@@ -8,96 +8,78 @@ their update.
 
 from __future__ import annotations
 
-from normport.export._emit import Body, Emitter, Inputs
+import onnx
+
+from normport.export._emit import Emitter, Inputs
 from normport.export._placeholder import LayerSpec
-from normport.export.lowerings import affine_inputs, node_name, register
-from normport.export.lowerings._stats import (
-    STAT_INPUTS,
-    STAT_OUTPUTS,
-    count_per_channel,
-    momentum_attr,
-    momentum_mode,
-    running_update,
-)
+from normport.export.lowerings import Layout, _stats, affine_inputs, call, register
+from normport.export.lowerings._body import Body, define
 from normport.export.train_graph import TrainFunction
 
 
-def _total_var(b: Body, mean_in: str, var_in: str, axis: int) -> tuple[str, str]:
-    """Mean and variance over ``axis`` of groups with means ``mean_in`` and vars ``var_in``."""
-    mean = b.reduce_mean(mean_in, [axis])
-    dev, dev2 = b.tmp("dev"), b.tmp("dev2")
-    b(f"{dev} = Sub ({mean_in}, {mean})")
-    b(f"{dev2} = Mul ({dev}, {dev})")
-    within, between, var = b.reduce_mean(var_in, [axis]), b.reduce_mean(dev2, [axis]), b.tmp("var")
-    b(f"{var} = Add ({within}, {between})")
-    return mean, var
+def _total_var(f: Body, mean_in, var_in, axis: int):
+    """Mean and variance over ``axis`` of groups with means ``mean_in`` and vars ``var_in``:
+    :math:`\\sigma^2 = \\overline{\\sigma_i^2} + \\overline{(\\mu_i - \\mu)^2}`."""
+    mean = f.reduce_mean(mean_in, [axis])
+    dev = f.Sub(mean_in, mean)
+    return mean, f.Add(f.reduce_mean(var_in, [axis]), f.reduce_mean(f.Mul(dev, dev), [axis]))
 
 
-def _mix(b: Body, logits: str, stats: list[str]) -> str:
-    w = b.tmp("w")
-    b(f"{w} = Softmax <axis = 0> ({b.to_compute(logits)})")
-    terms = []
-    for i, stat in enumerate(stats):
-        idx, wi, term = b.tmp("i"), b.tmp("wi"), b.tmp("term")
-        b(f"{idx} = Constant <value = int64 {{{i}}}> ()")
-        b(f"{wi} = Gather <axis = 0> ({w}, {idx})")
-        b(f"{term} = Mul ({wi}, {stat})")
-        terms.append(term)
-    out = b.tmp("mix")
-    b(f"{out} = Sum ({', '.join(terms)})")
-    return out
+def _mix(f: Body, logits, stats):
+    """:math:`\\sum_k \\mathrm{softmax}(\\text{logits})_k \\cdot \\text{stat}_k`."""
+    w = f.Softmax(f.compute(logits), axis=0)
+    return f.Sum(*(f.Mul(f.Gather(w, f.int64(k), axis=0), s) for k, s in enumerate(stats)))
 
 
-def switchable_function(em: Emitter, momentum: str | None, batch_stats: bool):
-    b = em.body()
-    x = b.to_compute("X")
-    xr = b.tmp("xr")
-    b(f"{xr} = Reshape ({x}, {b.ints([0, 0, -1])})")
-    mean_in = b.reduce_mean(xr, [2])
-    d, d2 = b.tmp("d"), b.tmp("d2")
-    b(f"{d} = Sub ({xr}, {mean_in})")
-    b(f"{d2} = Mul ({d}, {d})")
-    var_in = b.reduce_mean(d2, [2])
-    mean_ln, var_ln = _total_var(b, mean_in, var_in, 1)
+def switchable_function(em: Emitter, momentum: str | None, batch_stats: bool) -> onnx.FunctionProto:
+    """``SwitchableNorm`` (running statistics in the batch branch), ``...BatchStats`` or, with
+    ``momentum``, ``SwitchableNormTrain[Cumulative]`` (also the running update)."""
+    train = momentum is not None
     inputs = ["X", "Scale", "B", "mean_weight", "var_weight"]
-    outputs = ["Y"]
-    attrs = ["epsilon", "channel_shape"]
-    if batch_stats:
-        mean_bn, var_bn = _total_var(b, mean_in, var_in, 0)
+    if train:
+        inputs[3:3] = _stats.STAT_INPUTS
+    elif not batch_stats:
+        inputs[3:3] = _stats.STAT_INPUTS[:2]
+
+    def body(f: Body, *values):
+        v = dict(zip(inputs, values, strict=True))
+        x_in = v["X"]
+        xr = f.Reshape(f.compute(x_in), f.ints([0, 0, -1]))
+        mean_in, _, var_in = f.moments(xr, [2])
+        mean_ln, var_ln = _total_var(f, mean_in, var_in, 1)
+        if batch_stats:
+            mean_bn, var_bn = _total_var(f, mean_in, var_in, 0)
+        else:
+            stat_axes = f.ints([0, 2])
+            mean_bn = f.Unsqueeze(f.compute(v["running_mean"]), stat_axes)
+            var_bn = f.Unsqueeze(f.compute(v["running_var"]), stat_axes)
+        mean = _mix(f, v["mean_weight"], [mean_in, mean_ln, mean_bn])
+        var = _mix(f, v["var_weight"], [var_in, var_ln, var_bn])
+        xn = f.Reshape(f.standardize(f.Sub(xr, mean), var), f.Shape(x_in))
+        y = f.output(f.channel_affine(xn, v["Scale"], v["B"]))
+        if not train:
+            return y
+        n = _stats.count_per_channel(f, xr, mean_bn)
+        flat = f.ints([-1])
+        running = (v["running_mean"], v["running_var"], v["num_batches_tracked"])
+        mean_c, var_c = f.Reshape(mean_bn, flat), f.Reshape(var_bn, flat)
+        return y, *_stats.running_update(
+            f, mean_c, var_c, n, running, momentum=momentum, counts=True
+        )
+
+    if train:
+        cumulative = momentum == "cumulative"
+        name = TrainFunction.SWITCHABLE_CUMULATIVE if cumulative else TrainFunction.SWITCHABLE
     else:
-        stat_axes = b.ints([0, 2])
-        mean_bn, var_bn = b.tmp("mean_bn"), b.tmp("var_bn")
-        b(f"{mean_bn} = Unsqueeze ({b.to_compute('running_mean')}, {stat_axes})")
-        b(f"{var_bn} = Unsqueeze ({b.to_compute('running_var')}, {stat_axes})")
-    mean = _mix(b, "mean_weight", [mean_in, mean_ln, mean_bn])
-    var = _mix(b, "var_weight", [var_in, var_ln, var_bn])
-    eps = b.scalar_attr("epsilon")
-    c, ve, std, xn = b.tmp("c"), b.tmp("ve"), b.tmp("std"), b.tmp("xn")
-    b(f"{c} = Sub ({xr}, {mean})")
-    b(f"{ve} = Add ({var}, {eps})")
-    b(f"{std} = Sqrt ({ve})")
-    b(f"{xn} = Div ({c}, {std})")
-    shape, xb = b.tmp("shape"), b.tmp("xb")
-    b(f"{shape} = Shape (X)")
-    b(f"{xb} = Reshape ({xn}, {shape})")
-    b.to_output(b.channel_affine(xb), "Y")
-    name = "SwitchableNorm"
-    if momentum is not None:
-        n = count_per_channel(b, xr, mean_bn)
-        flat = b.ints([-1])
-        b(f"mean_flat = Reshape ({mean_bn}, {flat})")
-        b(f"var_flat = Reshape ({var_bn}, {flat})")
-        running_update(b, "mean_flat", "var_flat", n, momentum=momentum, counts=True)
-        train = TrainFunction.SWITCHABLE
-        name = TrainFunction.SWITCHABLE_CUMULATIVE if momentum == "cumulative" else train
-        attrs += ["momentum"] if momentum == "attr" else []
-        inputs[3:3] = list(STAT_INPUTS)
-        outputs += list(STAT_OUTPUTS)
-    elif batch_stats:
-        name += "BatchStats"
-    else:
-        inputs[3:3] = list(STAT_INPUTS[:2])
-    return b.function(name, attrs, inputs, outputs)
+        name = "SwitchableNormBatchStats" if batch_stats else "SwitchableNorm"
+    return define(
+        em,
+        name,
+        body,
+        inputs=inputs,
+        outputs=["Y", *(_stats.STAT_OUTPUTS if train else ())],
+        attributes=["epsilon", "channel_shape", *(["momentum"] * (momentum == "attr"))],
+    )
 
 
 # Emits: function SwitchableNorm / SwitchableNormTrain / SwitchableNormBatchStats
@@ -106,17 +88,14 @@ def lower_switchable(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str])
     if spec.rank < 3:
         raise ValueError(f"cannot export {spec.path!r} ({spec.cls}) on a {spec.rank}D input")
     scale, bias = affine_inputs(em, spec, ins)
-    mode = momentum_mode(spec.momentum) if spec.update_stats else None
+    mode = _stats.momentum_mode(spec.momentum) if spec.update_stats else None
     fn = switchable_function(em, mode, spec.batch_stats)
-    attrs = {"epsilon": spec.eps, "channel_shape": [spec.channels] + [1] * (spec.rank - 2)}
-    head = [ins.x, scale, bias]
-    tail = [ins.mean_weight, ins.var_weight]
+    attrs = {"epsilon": spec.eps, "channel_shape": list(Layout.channels_first(spec).channel_shape)}
+    stats = [ins.running_mean, ins.running_var]
     if spec.update_stats:
-        attrs |= momentum_attr(spec.momentum)
-        stats = [ins.running_mean, ins.running_var, ins.num_batches_tracked]
-        em.call(fn, head + stats + tail, outs, name=node_name(spec, fn.name), **attrs)
+        attrs |= _stats.momentum_attr(spec.momentum)
+        stats.append(ins.num_batches_tracked)
     elif spec.batch_stats:
-        em.call(fn, head + tail, outs[:1], name=node_name(spec, fn.name), **attrs)
-    else:
-        stats = [ins.running_mean, ins.running_var]
-        em.call(fn, head + stats + tail, outs[:1], name=node_name(spec, fn.name), **attrs)
+        stats = []
+    inputs = [ins.x, scale, bias, *stats, ins.mean_weight, ins.var_weight]
+    call(em, spec, fn, inputs, outs, **attrs)

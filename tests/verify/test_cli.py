@@ -16,7 +16,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNot
 from torch import nn
 
 from normport import export, models
-from normport.export.lowerings import batchnorm as batchnorm_lowering
+from normport.export.lowerings import _stats as stats_lowering
 from normport.runtime import __main__ as runtime_main
 from normport.runtime.verify import cli, matrix, parity, subjects
 
@@ -138,12 +138,9 @@ def test_divergence_in_results(results):
 def _biased_running_update(original):
     """The classic bug: running_var blended with the biased batch variance."""
 
-    def patched(b, mean_c, var_c, n, *, momentum, counts):
-        one, n1, ratio, biased = b.scalar(1.0), b.tmp("n1"), b.tmp("r"), b.tmp("biased")
-        b(f"{n1} = Sub ({n}, {one})")
-        b(f"{ratio} = Div ({n1}, {n})")
-        b(f"{biased} = Mul ({var_c}, {ratio})")  # undone by the n / (n - 1) inside
-        original(b, mean_c, biased, n, momentum=momentum, counts=counts)
+    def patched(f, mean_c, var_c, n, running, *, momentum, counts):
+        biased = f.Mul(var_c, f.Div(f.Sub(n, f.scalar(1.0)), n))  # undone by n / (n - 1) inside
+        return original(f, mean_c, biased, n, running, momentum=momentum, counts=counts)
 
     return patched
 
@@ -151,7 +148,7 @@ def _biased_running_update(original):
 BROKEN = {
     "biased_running_var": (
         "running_update",
-        _biased_running_update(batchnorm_lowering.running_update),
+        _biased_running_update(stats_lowering.running_update),
         "running_var",
     ),
     "unconverted_momentum": (
@@ -165,7 +162,7 @@ BROKEN = {
 @pytest.mark.parametrize("bug", list(BROKEN))
 def test_broken_lowering_fails_and_names_the_cell(bug, monkeypatch, tmp_path, capsys):
     name, replacement, quantity = BROKEN[bug]
-    monkeypatch.setattr(batchnorm_lowering, name, replacement)
+    monkeypatch.setattr(stats_lowering, name, replacement)
     argv = ["--model", "BatchNorm2d-momentum", "--opset", "23", "--dtype", "float32"]
     argv += ["--mode", "train", "--no-divergence", "--out", str(tmp_path)]
     assert cli.main(argv) == 1
