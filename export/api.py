@@ -11,6 +11,7 @@ import inspect
 import json
 import re
 from collections.abc import Mapping, Sequence
+from typing import TypedDict, Unpack
 
 import onnx
 import onnx.inliner
@@ -28,7 +29,15 @@ from normport.export.about import version
 from normport.export.outputs import output_names as _output_names
 from normport.models.table import NORMPORT_NORMS, TORCH_NORMS
 
-__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "MODES", "to_onnx", "to_onnx_opsets"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "MODES",
+    "ExportOptions",
+    "to_onnx",
+    "to_onnx_opsets",
+]
 
 MIN_OPSET = 13
 MAX_OPSET = onnx.defs.onnx_opset_version()  # 28 with onnx 1.23; onnxruntime 1.32 loads it
@@ -37,6 +46,18 @@ MODES = ("eval", "train")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 Dynamic = bool | Mapping[str, Mapping[int, str]]
+
+
+class ExportOptions(TypedDict, total=False):
+    """The keyword options :func:`to_onnx` passes on to :func:`to_onnx_opsets` (which states
+    their defaults); :func:`to_onnx` documents them."""
+
+    dynamic: Dynamic
+    dtype: torch.dtype | None
+    inline: bool
+    strict: bool
+    input_names: Sequence[str] | None
+    output_names: Sequence[str] | None
 
 
 def _check_arguments(module: nn.Module, mode: str, opset: int, dtype: torch.dtype | None) -> None:
@@ -164,12 +185,7 @@ def to_onnx(
     *,
     mode: str,
     opset: int = DEFAULT_OPSET,
-    dynamic: Dynamic = True,
-    dtype: torch.dtype | None = None,
-    inline: bool = False,
-    strict: bool = True,
-    input_names: Sequence[str] | None = None,
-    output_names: Sequence[str] | None = None,
+    **options: Unpack[ExportOptions],
 ) -> onnx.ModelProto:
     """Export any ``module`` to ONNX at exactly ``opset``, every normalization as one node.
 
@@ -183,14 +199,15 @@ def to_onnx(
             see :mod:`export._lower`; layers in eval use running statistics; at least one
             layer must update running statistics).
         opset: 13 to 28; the file's opset_import says exactly this.
-        dynamic: True (axis 0 of every input is ``"batch"``), False, or
+        dynamic: True (the default: axis 0 of every input is ``"batch"``), False, or
             ``{input: {axis: name}}``.
-        dtype: None (as the module), ``torch.float16`` or ``torch.bfloat16`` (weights and
-            activations; statistics computed in float32), or ``torch.float32``/``float64``.
-        inline: inline the model-local functions (for runtimes without them).
-        strict: raise when a torch.nn normalization layer ran but did not become one node
-            (e.g. ``LocalResponseNorm``); False records it in the ``normport.unrecognized``
-            metadata instead.
+        dtype: None (the default: as the module), ``torch.float16`` or ``torch.bfloat16``
+            (weights and activations; statistics computed in float32), or
+            ``torch.float32``/``float64``.
+        inline: inline the model-local functions (for runtimes without them; default False).
+        strict: raise (the default) when a torch.nn normalization layer ran but did not become
+            one node (e.g. ``LocalResponseNorm``); False records it in the
+            ``normport.unrecognized`` metadata instead.
         input_names, output_names: graph names (default: forward's parameter names, and
             the output structure's: ``output``, ``output_<i>``, dict keys and ModelOutput
             fields such as ``last_hidden_state``; see :mod:`export.outputs`).
@@ -202,18 +219,7 @@ def to_onnx(
             left unrecognised under ``strict``; an opset the graph cannot meet
             (:class:`export.OpsetError`, naming the op).
     """
-    return to_onnx_opsets(
-        module,
-        example_inputs,
-        mode=mode,
-        opsets=(opset,),
-        dynamic=dynamic,
-        dtype=dtype,
-        inline=inline,
-        strict=strict,
-        input_names=input_names,
-        output_names=output_names,
-    )[opset]
+    return to_onnx_opsets(module, example_inputs, mode=mode, opsets=(opset,), **options)[opset]
 
 
 def to_onnx_opsets(

@@ -47,6 +47,7 @@ import os
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 import onnx
 
@@ -64,6 +65,7 @@ from normport.export.triton_config import (
 )
 
 __all__ = [
+    "BatchingOptions",
     "DEFAULT_PREFERRED_BATCH_SIZES",
     "TRITON_TYPES",
     "build_config",
@@ -72,6 +74,17 @@ __all__ = [
 ]
 
 DEFAULT_PREFERRED_BATCH_SIZES = (16, 32, 64)  # those <= max_batch_size are used
+
+
+class BatchingOptions(TypedDict, total=False):
+    """The batching keywords :func:`write_model` passes on to :func:`build_config` (defaults
+    and meaning there)."""
+
+    max_batch_size: int
+    preferred_batch_sizes: Sequence[int] | None
+    max_queue_delay_microseconds: int
+    dynamic_batching: bool | str
+
 
 _T = onnx.TensorProto
 TRITON_TYPES: dict[int, str] = {
@@ -259,32 +272,24 @@ def write_model(
     root: str | os.PathLike,
     name: str,
     model: onnx.ModelProto,
-    *,
-    max_batch_size: int = 64,
-    preferred_batch_sizes: Sequence[int] | None = None,
-    max_queue_delay_microseconds: int = 100,
-    dynamic_batching: bool | str = True,
+    **options: Unpack[BatchingOptions],
 ) -> Path:
     """Write ``root/name/1/model.onnx`` and ``root/name/config.pbtxt`` (both atomically).
 
-    ``preferred_batch_sizes=None`` uses those of :data:`DEFAULT_PREFERRED_BATCH_SIZES` that fit
-    (or ``[max_batch_size]``); ``()`` leaves the field out.  ``dynamic_batching``: see
-    :func:`build_config`; a reason is written into ``config.pbtxt`` as ``#`` comments.  Nothing
-    is written when the config is invalid (see :func:`build_config` for the errors).  Files get
-    the umask's mode (0644 under umask 022), created folders 0777 less the umask.  Returns
-    ``root/name``.
+    ``options``: :func:`build_config`'s batching keywords (``max_batch_size=64``,
+    ``preferred_batch_sizes=None``, ``max_queue_delay_microseconds=100``,
+    ``dynamic_batching=True``).  ``preferred_batch_sizes=None`` uses those of
+    :data:`DEFAULT_PREFERRED_BATCH_SIZES` that fit (or ``[max_batch_size]``); ``()`` leaves the
+    field out.  ``dynamic_batching``: see :func:`build_config`; a reason is written into
+    ``config.pbtxt`` as ``#`` comments.  Nothing is written when the config is invalid (see
+    :func:`build_config` for the errors).  Files get the umask's mode (0644 under umask 022),
+    created folders 0777 less the umask.  Returns ``root/name``.
     """
-    config = build_config(
-        name,
-        model,
-        max_batch_size=max_batch_size,
-        preferred_batch_sizes=preferred_batch_sizes,
-        max_queue_delay_microseconds=max_queue_delay_microseconds,
-        dynamic_batching=dynamic_batching,
-    )
+    config = build_config(name, model, **options)
+    reason = options.get("dynamic_batching")
     comment = None
-    if isinstance(dynamic_batching, str) and max_batch_size > 0:
-        comment = f"No dynamic_batching: {dynamic_batching}"
+    if isinstance(reason, str) and config.max_batch_size > 0:
+        comment = f"No dynamic_batching: {reason}"
     folder = Path(root) / name
     save(model, folder / VERSION / MODEL_NAME)  # the model first: a config never dangles
     text = triton_config.to_text(config, "\n".join(_wrap(comment)) if comment else None)

@@ -51,43 +51,34 @@ exit status: 0 after SIGINT/SIGTERM (in-flight requests finished), 2 bad argumen
 """
 
 
+# One flag per HttpLimits field, named after it: (field, type, metavar, help).
+_LIMIT_FLAGS = (
+    ("header_timeout", argtypes.seconds, "S",
+     "from connection open (or a later request's first byte) to the end of its headers, "
+     "else 408 (default: %(default)s)"),
+    ("body_timeout", argtypes.seconds, "S",
+     "longest wait for more body bytes, else 408 (default: %(default)s)"),
+    ("body_deadline", argtypes.seconds, "S",
+     "from the end of the headers to the end of the body, else 408 (default: %(default)s)"),
+    ("keep_alive_timeout", argtypes.seconds, "S",
+     "idle time after a response before the connection closes (default: %(default)s)"),
+    ("max_header_bytes", argtypes.positive, "N",
+     "request line and headers limit, else 431 (default: %(default)s)"),
+    ("max_connections", argtypes.non_negative, "N",
+     "open connections limit, else 503 (default: %(default)s: the file-descriptor limit, "
+     f"raised to its hard value, less {FD_RESERVE})"),
+    ("exit_timeout", argtypes.seconds, "S",
+     "on SIGTERM/SIGINT, how long requests in flight may take to finish (default: %(default)s)"),
+)  # fmt: skip
+
+
 def _add_limits(p: argparse.ArgumentParser) -> None:
-    d = _DEFAULTS
     g = p.add_argument_group("connection limits (see runtime/serve/limits.py)")
-    g.add_argument(
-        "--header-timeout", type=argtypes.seconds, default=d.header_timeout, metavar="S",
-        help="from connection open (or a later request's first byte) to the end of its headers, "
-        "else 408 (default: %(default)s)",
-    )  # fmt: skip
-    g.add_argument(
-        "--body-timeout", type=argtypes.seconds, default=d.body_timeout, metavar="S",
-        help="longest wait for more body bytes, else 408 (default: %(default)s)",
-    )  # fmt: skip
-    g.add_argument(
-        "--body-deadline", type=argtypes.seconds, default=d.body_deadline, metavar="S",
-        help="from the end of the headers to the end of the body, else 408 "
-        "(default: %(default)s)",
-    )  # fmt: skip
-    g.add_argument(
-        "--keep-alive-timeout", type=argtypes.seconds, default=d.keep_alive_timeout,
-        metavar="S",
-        help="idle time after a response before the connection closes (default: %(default)s)",
-    )  # fmt: skip
-    g.add_argument(
-        "--max-header-bytes", type=argtypes.positive, default=d.max_header_bytes, metavar="N",
-        help="request line and headers limit, else 431 (default: %(default)s)",
-    )  # fmt: skip
-    g.add_argument(
-        "--max-connections", type=argtypes.non_negative, default=d.max_connections,
-        metavar="N",
-        help="open connections limit, else 503 (default: %(default)s: the file-descriptor "
-        f"limit, raised to its hard value, less {FD_RESERVE})",
-    )  # fmt: skip
-    g.add_argument(
-        "--exit-timeout", type=argtypes.seconds, default=d.exit_timeout, metavar="S",
-        help="on SIGTERM/SIGINT, how long requests in flight may take to finish "
-        "(default: %(default)s)",
-    )  # fmt: skip
+    for field, kind, metavar, text in _LIMIT_FLAGS:
+        flag = "--" + field.replace("_", "-")
+        g.add_argument(
+            flag, type=kind, default=getattr(_DEFAULTS, field), metavar=metavar, help=text
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -167,15 +158,7 @@ def _add_memory(p: argparse.ArgumentParser) -> None:
 
 def limits_from_args(args: argparse.Namespace) -> HttpLimits:
     """The :class:`HttpLimits` named by the parsed flags."""
-    return HttpLimits(
-        header_timeout=args.header_timeout,
-        body_timeout=args.body_timeout,
-        body_deadline=args.body_deadline,
-        keep_alive_timeout=args.keep_alive_timeout,
-        max_header_bytes=args.max_header_bytes,
-        max_connections=args.max_connections,
-        exit_timeout=args.exit_timeout,
-    )
+    return HttpLimits(**{field: getattr(args, field) for field, *_ in _LIMIT_FLAGS})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

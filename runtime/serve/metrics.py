@@ -23,10 +23,26 @@ _LATENCY_BUCKETS = (
 _BATCH_BUCKETS = tuple(2**i for i in range(11))  # 1 .. 1024
 _LABELS = ("model", "version")
 
+# The per-model families, in ModelMetrics' field order: (name, help, buckets; None: a counter).
+_FAMILIES: tuple[tuple[str, str, tuple[float, ...] | None], ...] = (
+    ("normport_inference_requests", "Inference requests received", None),
+    ("normport_inference_failures", "Inference requests that failed", None),
+    ("normport_inference_samples", "Samples inferred (sum of batch sizes)", None),
+    ("normport_inference_executions", "onnxruntime runs", None),
+    ("normport_inference_request_duration_seconds",
+     "Request time, from the handler to the response", _LATENCY_BUCKETS),
+    ("normport_inference_queue_duration_seconds", "Time a request waited for its run",
+     _LATENCY_BUCKETS),
+    ("normport_inference_compute_duration_seconds",
+     "Time of one run (batching, onnxruntime, splitting)", _LATENCY_BUCKETS),
+    ("normport_inference_batch_size", "Samples per onnxruntime run", _BATCH_BUCKETS),
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class ModelMetrics:
-    """The metric children of one model version (label lookups done once, at load)."""
+    """The metric children of one model version (label lookups done once, at load), one per
+    family of ``_FAMILIES``, in its order."""
 
     _requests: Counter
     _failures: Counter
@@ -61,37 +77,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._requests = Counter(
-            "normport_inference_requests", "Inference requests received", _LABELS, registry=r
-        )
-        self._failures = Counter(
-            "normport_inference_failures", "Inference requests that failed", _LABELS, registry=r
-        )
-        self._samples = Counter(
-            "normport_inference_samples", "Samples inferred (sum of batch sizes)", _LABELS,
-            registry=r,
-        )  # fmt: skip
-        self._executions = Counter(
-            "normport_inference_executions", "onnxruntime runs", _LABELS, registry=r
-        )
-        self._latency = Histogram(
-            "normport_inference_request_duration_seconds",
-            "Request time, from the handler to the response", _LABELS,
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self._queue = Histogram(
-            "normport_inference_queue_duration_seconds", "Time a request waited for its run",
-            _LABELS, buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self._compute = Histogram(
-            "normport_inference_compute_duration_seconds",
-            "Time of one run (batching, onnxruntime, splitting)", _LABELS,
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self._batch_size = Histogram(
-            "normport_inference_batch_size", "Samples per onnxruntime run", _LABELS,
-            buckets=_BATCH_BUCKETS, registry=r,
-        )  # fmt: skip
+        self._families = [
+            Counter(name, doc, _LABELS, registry=r)
+            if buckets is None
+            else Histogram(name, doc, _LABELS, buckets=buckets, registry=r)
+            for name, doc, buckets in _FAMILIES
+        ]
         self._ready = Gauge(
             "normport_model_ready", "1 when the model version is loaded", _LABELS, registry=r
         )
@@ -100,21 +91,7 @@ class Metrics:
         """Children for a model version found in the repository."""
         labels = {"model": name, "version": version}
         self._ready.labels(**labels).set(1 if ready else 0)
-        return ModelMetrics(
-            *(
-                cast(Any, family.labels(**labels))
-                for family in (
-                    self._requests,
-                    self._failures,
-                    self._samples,
-                    self._executions,
-                    self._latency,
-                    self._queue,
-                    self._compute,
-                    self._batch_size,
-                )
-            )
-        )
+        return ModelMetrics(*(cast(Any, family.labels(**labels)) for family in self._families))
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric."""

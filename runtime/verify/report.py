@@ -38,7 +38,7 @@ from normport.runtime.verify.reading import reading, subject_reading
 from normport.runtime.verify.tolerances import TOLERANCES
 from normport.runtime.verify.verdict import Verdict, verdict
 
-__all__ = ["summary", "to_json", "write"]
+__all__ = ["summary", "write"]
 
 _SECTIONS = {
     "parity": "Parity",
@@ -101,31 +101,6 @@ def _subjects(cells, divergences, facts) -> list[dict]:
         sentences = subject_reading(f, cells, divs.get(f.name), claims=f.name in given)
         entries.append({**f.to_json(), **v.to_json(), "reading": sentences})
     return entries
-
-
-def to_json(
-    cells: Sequence[Cell],
-    divergences: Sequence[Divergence],
-    meta: dict,
-    plots: Sequence[str],
-    facts: Sequence[SubjectFacts] = (),
-) -> dict:
-    subjects = _subjects(cells, divergences, facts)
-    verdicts = [Verdict(s["name"], s["verdict"]) for s in subjects]
-    return {
-        "schema": 1,
-        "meta": meta,
-        "tolerances": [
-            {"dtype": d, "scope": s, "atol": t.atol, "rtol": t.rtol}
-            for (d, s), t in TOLERANCES.items()
-        ],
-        "summary": summary(cells, verdicts),
-        "subjects": subjects,
-        "parity": [c.to_json() for c in cells],
-        "divergence": [d.to_json() for d in divergences],
-        "reading": reading(cells, divergences, facts),
-        "plots": list(plots),
-    }
 
 
 def _models(data: dict, cells: Sequence[Cell]) -> list[str]:
@@ -230,7 +205,22 @@ def write(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = to_json(cells, divergences, meta, plots, facts)
+    subjects = _subjects(cells, divergences, facts)
+    verdicts = [Verdict(s["name"], s["verdict"]) for s in subjects]
+    data = {
+        "schema": 1,
+        "meta": meta,
+        "tolerances": [
+            {"dtype": d, "scope": s, "atol": t.atol, "rtol": t.rtol}
+            for (d, s), t in TOLERANCES.items()
+        ],
+        "summary": summary(cells, verdicts),
+        "subjects": subjects,
+        "parity": [c.to_json() for c in cells],
+        "divergence": [d.to_json() for d in divergences],
+        "reading": reading(cells, divergences, facts),
+        "plots": list(plots),
+    }
     (out / "results.json").write_text(json.dumps(_finite(data), indent=1, allow_nan=False) + "\n")
     (out / "report.md").write_text(_markdown(data, cells, divergences))
     return data

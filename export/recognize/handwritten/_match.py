@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx
@@ -27,12 +28,13 @@ from normport.export.recognize.handwritten._spellings import (
 
 __all__ = [
     "apply_rule",
-    "running_spec",
+    "handwritten_spec",
     "Match",
     "Reshaped",
     "affine_tail",
     "broadcast_shape",
     "constant_only",
+    "finish_match",
     "layout",
     "per_channel",
     "rewrite",
@@ -217,17 +219,34 @@ def apply_rule(g: Graph, match_at) -> None:
             rewrite(g, match)
 
 
-def running_spec(g: Graph, output: fx.Node, kind: str, rank: int, channels: int, eps) -> LayerSpec:
-    """The spec of a hand-written normalization with running statistics, owned by
-    ``output``'s module."""
+def handwritten_spec(g: Graph, output: fx.Node, kind: str, rank: int, **fields: Any) -> LayerSpec:
+    """The spec of a hand-written normalization of a rank-``rank`` input, owned by ``output``'s
+    module; ``fields``: the rest of the :class:`LayerSpec` (channels, eps, ...)."""
     path, cls = g.owner(output)
-    return LayerSpec(
-        kind=kind,
-        path=path,
-        cls=cls,
-        rank=rank,
-        channels=channels,
-        eps=eps,
-        batch_stats=False,
-        source="handwritten",
-    )
+    return LayerSpec(kind=kind, path=path, cls=cls, rank=rank, source="handwritten", **fields)
+
+
+def finish_match(
+    g: Graph,
+    node: fx.Node,
+    x: fx.Node,
+    axes: tuple[str, tuple, tuple, dict],
+    private: list[fx.Node],
+    casts: list[fx.Node],
+    *,
+    kind: str,
+    bias: bool,
+    **fields: Any,
+) -> Match | None:
+    """The match of a batch-statistics normalization of ``x`` whose normalized value is ``node``:
+    its :func:`affine_tail` (a bias too with ``bias``) over the :func:`layout` ``axes``, or None
+    when there is none.  ``private``: the statistics' nodes; ``fields``: the spec's beyond the
+    axes (eps, ...)."""
+    _, expect, target, axis_fields = axes
+    tail = affine_tail(g, node, Graph.val(x).dtype, expect, target, bias=bias)
+    if tail is None:
+        return None
+    output, weight, b, tail_nodes = tail
+    rank = len(Graph.val(x).shape)
+    spec = handwritten_spec(g, output, kind, rank, **axis_fields, **fields)
+    return Match(output, [*private, *tail_nodes], spec, Slots(x, weight, b), casts)

@@ -35,7 +35,7 @@ from normport.export.recognize.handwritten._match import (
     apply_rule,
     broadcast_shape,
     constant_only,
-    running_spec,
+    handwritten_spec,
 )
 from normport.export.recognize.handwritten._spellings import (
     aten,
@@ -102,7 +102,7 @@ def _match(g: Graph, add: fx.Node, scaled: fx.Node, x_raw, scale, shift) -> Matc
         return None
     w, rv, eps = scale_parts
     b, rm = shift_parts
-    spec = running_spec(g, add, kind, len(shape), channels, eps)
+    spec = handwritten_spec(g, add, kind, len(shape), channels=channels, eps=eps, batch_stats=False)
     slots = Slots(x, w, b, running_mean=rm, running_var=rv)
     return Match(add, [scaled], spec, slots, casts)
 

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 from torch import fx
 
-from normport.export._placeholder import LayerSpec
-from normport.export.recognize._graph import Graph, Slots
+from normport.export.recognize._graph import Graph
 from normport.export.recognize.handwritten._match import (
     Match,
-    affine_tail,
     apply_rule,
+    finish_match,
     layout,
 )
 from normport.export.recognize.handwritten._spellings import (
@@ -79,27 +78,13 @@ def match_rmsnorm(g: Graph, node: fx.Node) -> Match | None:
         return None
     if _centred(x, stat.dims):
         return None
-    shape = g.val(x).shape
-    axes = layout(shape, stat.dims)
+    axes = layout(g.val(x).shape, stat.dims)
     if axes is None or axes[0] != "layernorm":
         return None
-    _, expect, target, fields = axes
-    tail = affine_tail(g, node, g.val(x).dtype, expect, target, bias=False)
-    if tail is None:
-        return None
-    output, weight, _, tail_nodes = tail
-    path, cls = g.owner(output)
-    spec = LayerSpec(
-        kind="rmsnorm",
-        path=path,
-        cls=cls,
-        rank=len(shape),
-        eps=eps,
-        source="handwritten",
-        **fields,
+    private = [*core, add, *stat.nodes, *square_nodes]
+    return finish_match(
+        g, node, x, axes, private, casts + stat_casts, kind="rmsnorm", bias=False, eps=eps
     )
-    private = [*core, add, *stat.nodes, *square_nodes, *tail_nodes]
-    return Match(output, private, spec, Slots(x, weight), casts + stat_casts)
 
 
 def recognize_rmsnorm(g: Graph) -> None:

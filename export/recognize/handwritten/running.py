@@ -34,7 +34,7 @@ from normport.export.recognize.handwritten._match import (
     affine_tail,
     apply_rule,
     broadcast_shape,
-    running_spec,
+    handwritten_spec,
 )
 from normport.export.recognize.handwritten._spellings import (
     aten,
@@ -124,7 +124,9 @@ def match_running(g: Graph, node: fx.Node) -> Match | None:
     if tail is None:
         return None
     output, weight, bias, tail_nodes = tail
-    spec = running_spec(g, output, kind, len(shape), channels, eps)
+    spec = handwritten_spec(
+        g, output, kind, len(shape), channels=channels, eps=eps, batch_stats=False
+    )
     slots = Slots(x, weight, bias, running_mean=rm, running_var=rv)
     return Match(output, [node, sub, *tail_nodes], spec, slots, casts)
 

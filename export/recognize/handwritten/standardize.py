@@ -35,12 +35,11 @@ from __future__ import annotations
 
 from torch import fx
 
-from normport.export._placeholder import LayerSpec
-from normport.export.recognize._graph import Graph, Slots
+from normport.export.recognize._graph import Graph
 from normport.export.recognize.handwritten._match import (
     Match,
-    affine_tail,
     apply_rule,
+    finish_match,
     layout,
 )
 from normport.export.recognize.handwritten._spellings import (
@@ -82,18 +81,14 @@ def _std(s, mean: fx.Node) -> Stat | None:
 
 def _spread(g: Graph, node: fx.Node):
     """``(numerator, eps, eps_in_root, eps add, spread statistic, nodes)`` of ``node``."""
-    if (found := normalized(node)) is not None:
-        numerator, radicand, nodes = found
-        if (eps_add := with_eps(g, radicand)) is not None:
-            c = centered(numerator)
-            if c is not None and (var := _variance(eps_add[0], c[1])) is not None:
-                return numerator, eps_add[1], True, eps_add[2], var, nodes
-    if (found := quotient(node)) is not None:
-        numerator, denominator, nodes = found
-        if (eps_add := with_eps(g, denominator)) is not None:
-            c = centered(numerator)
-            if c is not None and (std := _std(eps_add[0], c[1])) is not None:
-                return numerator, eps_add[1], False, eps_add[2], std, nodes
+    # eps inside the root: x_c * rsqrt(var + eps); outside: x_c / (std + eps)
+    for split, eps_in_root, spread_of in ((normalized, True, _variance), (quotient, False, _std)):
+        if (found := split(node)) is None or (eps_add := with_eps(g, found[1])) is None:
+            continue
+        numerator, _, nodes = found
+        c = centered(numerator)
+        if c is not None and (stat := spread_of(eps_add[0], c[1])) is not None:
+            return numerator, eps_add[1], eps_in_root, eps_add[2], stat, nodes
     return None
 
 
@@ -109,28 +104,22 @@ def match_standardize(g: Graph, node: fx.Node) -> Match | None:
     x, casts = roots[0][0], [c for _, chain in roots for c in chain]
     if not all(same_value(x, r) for r, _ in roots) or not casts_ok(x, casts):
         return None
-    shape = g.val(x).shape
-    if (axes := layout(shape, mean.dims)) is None:
+    if (axes := layout(g.val(x).shape, mean.dims)) is None:
         return None
-    kind, expect, target, fields = axes
-    tail = affine_tail(g, node, g.val(x).dtype, expect, target, bias=True)
-    if tail is None:
-        return None
-    output, weight, bias, tail_nodes = tail
-    path, cls = g.owner(output)
-    spec = LayerSpec(
-        kind=kind,
-        path=path,
-        cls=cls,
-        rank=len(shape),
+    private = [*core, sub, add, *mean.nodes, *spread_stat.nodes]
+    return finish_match(
+        g,
+        node,
+        x,
+        axes,
+        private,
+        casts,
+        kind=axes[0],
+        bias=True,
         eps=eps,
         batch_stats=True,
-        source="handwritten",
         eps_in_root=eps_in_root,
-        **fields,
     )
-    private = [*core, sub, add, *mean.nodes, *spread_stat.nodes, *tail_nodes]
-    return Match(output, private, spec, Slots(x, weight, bias), casts)
 
 
 def recognize_standardize(g: Graph) -> None:
