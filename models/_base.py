@@ -7,12 +7,18 @@ state_dict keys are identical and a state_dict loads both ways with ``strict=Tru
 from __future__ import annotations
 
 import math
-from typing import Any
+import types
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NormBase", "check_eps", "check_momentum", "check_positive_int"]
+from normport.models._affine import register_affine, reset_affine
+
+__all__ = ["NormBase", "check_eps", "check_momentum", "check_positive_int", "with_defaults"]
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 def check_eps(eps: float) -> float:
@@ -39,6 +45,36 @@ def check_positive_int(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def with_defaults(**defaults: Any) -> Callable[[type[_M]], type[_M]]:
+    """Class decorator: the inherited ``__init__`` again, with some argument defaults replaced.
+
+    The constructor keeps one definition (code, checks, signature) and a leaf states only the
+    defaults that differ: torch.nn's instance norms take :class:`NormBase`'s arguments with
+    ``affine=False, track_running_stats=False``.  ``inspect.signature`` and argument errors
+    show the leaf's defaults and name, as if it had written the constructor out.
+    """
+
+    def decorate(cls: type[_M]) -> type[_M]:
+        init = cls.__init__
+        code, old = init.__code__, init.__defaults__ or ()
+        names = code.co_varnames[code.co_argcount - len(old) : code.co_argcount]
+        unknown = sorted(set(defaults) - set(names))
+        if unknown:
+            raise TypeError(f"{init.__qualname__}() has no defaulted argument(s) {unknown}")
+        values = tuple(defaults.get(n, d) for n, d in zip(names, old, strict=True))
+        # Same code and closure: super() inside still resolves from the defining class.
+        new = types.FunctionType(code, init.__globals__, init.__name__, values, init.__closure__)
+        new.__kwdefaults__ = init.__kwdefaults__
+        new.__annotations__ = dict(init.__annotations__)
+        new.__doc__ = init.__doc__
+        new.__module__ = cls.__module__
+        new.__qualname__ = f"{cls.__qualname__}.__init__"
+        cls.__init__ = new
+        return cls
+
+    return decorate
 
 
 class NormBase(nn.Module):
@@ -82,12 +118,7 @@ class NormBase(nn.Module):
         self.momentum = check_momentum(momentum)
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, (num_features,), affine, **factory)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self.register_buffer("running_var", torch.ones(num_features, **factory))
@@ -99,7 +130,12 @@ class NormBase(nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
+        self._register_extra(**factory)
         self.reset_parameters()
+
+    def _register_extra(self, device: Any, dtype: Any) -> None:
+        """Hook for a leaf's own parameters, registered after the shared state and before
+        :meth:`reset_parameters` (Switchable Norm's mixture logits)."""
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -109,9 +145,7 @@ class NormBase(nn.Module):
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def extra_repr(self) -> str:
         return (

@@ -36,7 +36,8 @@ The forward pass works in place on one fresh buffer and the backward pass is the
 
 (bars are means over the statistics axes), which is what keeps the hand-written layers within
 reach of PyTorch's fused kernels.  Double backward (``create_graph=True``) differentiates
-:func:`reference_standardize` instead, so higher-order gradients stay exact.
+the plain formula (:func:`standardize` with ``reference=True``) instead, so higher-order
+gradients stay exact.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ from torch import Tensor
 __all__ = [
     "accumulate_dtype",
     "affine_from_stats",
-    "reference_standardize",
     "standardize",
 ]
 
@@ -169,7 +169,7 @@ class _Standardize(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the plain formula so that higher orders are exact.
             inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
-            y = reference_standardize(x, view, weight, bias, ctx.eps, center)[0]
+            y = standardize(x, view, weight, bias, ctx.eps, center, reference=True)[0]
             grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
             gx, gw, gb = (
                 next(grads) if t is not None and t.requires_grad else None
@@ -254,6 +254,8 @@ def standardize(
     bias: Tensor | None,
     eps: float,
     center: bool = True,
+    *,
+    reference: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Normalize ``x`` with statistics over axes 0 and 2 of ``x.reshape(view)``.
 
@@ -263,11 +265,15 @@ def standardize(
         weight, bias: broadcastable to ``x.shape`` (already laid out by the caller), or None.
         eps: added to the variance before the square root.
         center: False for RMS normalization (no mean subtraction).
+        reference: compute the same thing in plain differentiable ops (slow, every derivative
+            order exact) instead of the fused in-place kernel with its closed-form backward;
+            that backward differentiates this path under ``create_graph=True``.
 
     Returns:
         ``(y, mean, var)``: ``y`` in ``x.dtype``, a fresh tensor shaped like ``x`` (not a view,
         so in-place ops such as ``relu_`` may follow); ``mean`` (None when not centring) and the
-        biased ``var``, both shaped ``(1, C, 1)`` in the accumulation dtype and detached.
+        biased ``var``, both shaped ``(1, C, 1)`` in the accumulation dtype (detached unless
+        ``reference``).
 
     Example::
 
@@ -276,18 +282,8 @@ def standardize(
         >>> y.tolist(), mean.flatten().tolist(), var.flatten().tolist()
         ([[-1.0, 1.0], [-1.0, 1.0]], [2.0, 6.0], [1.0, 1.0])
     """
-    return _Standardize.apply(x, view, weight, bias, eps, center)
-
-
-def reference_standardize(
-    x: Tensor,
-    view: View3,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    center: bool = True,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """The same computation as :func:`standardize` in plain differentiable ops (slow, exact)."""
+    if not reference:
+        return _Standardize.apply(x, view, weight, bias, eps, center)
     acc = accumulate_dtype(x.dtype)
     x3 = x.reshape(view).to(acc)
     mean = x3.mean((0, 2), keepdim=True) if center else None

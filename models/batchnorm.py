@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from normport.models._affine import affine_view
 from normport.models._base import NormBase
 from normport.models._functional import affine_from_stats, standardize
 from normport.models._shapes import channel_shape, check_rank
@@ -44,8 +45,7 @@ class _BatchNorm(NormBase):
         check_rank(x, self._ranks)
         self._check_channels(x, self._channel_dim)
         per_channel = channel_shape(x, self._channel_dim)
-        weight = None if self.weight is None else self.weight.view(per_channel)
-        bias = None if self.bias is None else self.bias.view(per_channel)
+        weight, bias = affine_view(self, per_channel)
         if not self._uses_batch_stats():
             mean, var = self._running(per_channel)
             return affine_from_stats(x, mean, var, weight, bias, self.eps)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from normport.models._affine import affine_view, register_affine, reset_affine
 from normport.models._base import check_eps, check_positive_int
 from normport.models._functional import standardize
 from normport.models._shapes import channel_shape
@@ -38,7 +38,6 @@ class GroupNorm(nn.Module):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        factory = {"device": device, "dtype": dtype}
         super().__init__()
         check_positive_int("num_groups", num_groups)
         check_positive_int("num_channels", num_channels)
@@ -51,18 +50,11 @@ class GroupNorm(nn.Module):
         self.num_channels = num_channels
         self.eps = check_eps(eps)
         self.affine = affine
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory))
-            self.bias = nn.Parameter(torch.empty(num_channels, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, (num_channels,), affine, device=device, dtype=dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+        reset_affine(self)
 
     def extra_repr(self) -> str:
         return "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)
@@ -77,8 +69,7 @@ class GroupNorm(nn.Module):
                 f"but got: {x.shape[1]}."
             )
         per_channel = channel_shape(x, 1)
-        weight = None if self.weight is None else self.weight.view(per_channel)
-        bias = None if self.bias is None else self.bias.view(per_channel)
+        weight, bias = affine_view(self, per_channel)
         n, g = x.shape[0], self.num_groups
         view = (1, n * g, (self.num_channels // g) * math.prod(x.shape[2:]))
         return standardize(x, view, weight, bias, self.eps)[0]

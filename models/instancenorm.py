@@ -19,27 +19,17 @@ import math
 
 from torch import Tensor
 
-from normport.models._base import NormBase
+from normport.models._affine import affine_view
+from normport.models._base import NormBase, with_defaults
 from normport.models._functional import affine_from_stats, standardize
 from normport.models._shapes import channel_shape, check_rank
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
+@with_defaults(affine=False, track_running_stats=False)  # torch.nn.InstanceNorm*d's defaults
 class _InstanceNorm(NormBase):
     _spatial_dims = 0
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = False,
-        track_running_stats: bool = False,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
 
     def _update_factor(self) -> float | None:
         # F.instance_norm neither counts batches nor knows the cumulative average.
@@ -53,8 +43,7 @@ class _InstanceNorm(NormBase):
         x = input if input.dim() == batched else input.unsqueeze(0)
         self._check_channels(x, 1)
         per_channel = channel_shape(x, 1)
-        weight = None if self.weight is None else self.weight.view(per_channel)
-        bias = None if self.bias is None else self.bias.view(per_channel)
+        weight, bias = affine_view(self, per_channel)
         if not self._uses_batch_stats():
             mean, var = self._running(per_channel)
             y = affine_from_stats(x, mean, var, weight, bias, self.eps)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normport.models._affine import register_affine, reset_affine
 from normport.models._base import check_eps
 from normport.models._functional import standardize
 
@@ -46,9 +47,37 @@ def _as_shape(normalized_shape: int | list[int] | tuple[int, ...]) -> tuple[int,
 
 
 class _TrailingNorm(nn.Module):
-    """Shared shape check and view for norms over the trailing ``normalized_shape`` axes."""
+    """Shared state, shape check and view for norms over the trailing ``normalized_shape`` axes.
 
-    normalized_shape: tuple[int, ...]
+    ``weight`` and ``bias`` (if any) have shape ``normalized_shape``; the leaves validate their
+    arguments and say whether there is a bias at all.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: tuple[int, ...],
+        eps: float | None,
+        elementwise_affine: bool,
+        bias: bool | None,
+        device: Any,
+        dtype: Any,
+    ) -> None:
+        super().__init__()
+        self.normalized_shape = normalized_shape
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        register_affine(
+            self, normalized_shape, elementwise_affine, bias=bias, device=device, dtype=dtype
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        reset_affine(self)
+
+    def extra_repr(self) -> str:
+        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(
+            **self.__dict__
+        )
 
     def _view(self, x: Tensor) -> tuple[int, int, int]:
         k = len(self.normalized_shape)
@@ -77,32 +106,8 @@ class LayerNorm(_TrailingNorm):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        factory = {"device": device, "dtype": dtype}
-        super().__init__()
-        self.normalized_shape = _as_shape(normalized_shape)
-        self.eps = check_eps(eps)
-        self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.elementwise_affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
-
-    def extra_repr(self) -> str:
-        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(
-            **self.__dict__
-        )
+        shape = _as_shape(normalized_shape)
+        super().__init__(shape, check_eps(eps), elementwise_affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         return standardize(input, self._view(input), self.weight, self.bias, self.eps)[0]
@@ -119,25 +124,10 @@ class RMSNorm(_TrailingNorm):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        factory = {"device": device, "dtype": dtype}
-        super().__init__()
-        self.normalized_shape = _as_shape(normalized_shape)
-        self.eps = None if eps is None else check_eps(eps)
-        self.elementwise_affine = elementwise_affine
-        if elementwise_affine:
-            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
-        else:
-            self.register_parameter("weight", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.elementwise_affine:
-            nn.init.ones_(self.weight)
-
-    def extra_repr(self) -> str:
-        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(
-            **self.__dict__
-        )
+        shape = _as_shape(normalized_shape)
+        eps = None if eps is None else check_eps(eps)
+        # bias=None: no ``bias`` attribute at all, as torch.nn.RMSNorm.
+        super().__init__(shape, eps, elementwise_affine, None, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         eps = torch.finfo(input.dtype).eps if self.eps is None else self.eps

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normport.models._affine import affine_view
 from normport.models._base import NormBase
 from normport.models._functional import accumulate_dtype, affine_from_stats
 from normport.models._shapes import channel_shape, check_rank
@@ -53,26 +54,15 @@ __all__ = ["SwitchableNorm1d", "SwitchableNorm2d"]
 class _SwitchableNorm(NormBase):
     _ranks: tuple[int, ...] = ()
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        factory = {"device": device, "dtype": dtype}
-        self.mean_weight = nn.Parameter(torch.ones(3, **factory))
-        self.var_weight = nn.Parameter(torch.ones(3, **factory))
+    def _register_extra(self, device: Any, dtype: Any) -> None:
+        # Mixture logits, ordered instance, layer, batch (uniform weights after a reset).
+        self.mean_weight = nn.Parameter(torch.ones(3, device=device, dtype=dtype))
+        self.var_weight = nn.Parameter(torch.ones(3, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        if hasattr(self, "mean_weight"):
-            nn.init.ones_(self.mean_weight)
-            nn.init.ones_(self.var_weight)
+        nn.init.ones_(self.mean_weight)
+        nn.init.ones_(self.var_weight)
 
     def forward(self, input: Tensor) -> Tensor:
         x = input
@@ -109,8 +99,7 @@ class _SwitchableNorm(NormBase):
         var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
         shape = (n, c) + (1,) * (x.dim() - 2)
         per_channel = channel_shape(x, 1)
-        weight = None if self.weight is None else self.weight.view(per_channel)
-        bias = None if self.bias is None else self.bias.view(per_channel)
+        weight, bias = affine_view(self, per_channel)
         return affine_from_stats(
             x, mean.view(shape), var.view(shape), weight, bias, self.eps, centred=True
         )

@@ -18,8 +18,10 @@ name               normalization               input -> output
 ``seq_bn``         SequenceBatchNorm           sequence (N, L, 8) -> output (N, L, 4)
 =================  ==========================  ============================================
 
-A network is added in one place: a factory decorated with ``@register(...)``
-(:mod:`models.zoo._registry`) in :mod:`models.zoo.vision` or :mod:`models.zoo.sequence`.
+A network is added in one place: a factory (or a network class) decorated with
+``@register(name, interface, description=...)`` (:mod:`models.zoo._registry`) in
+:mod:`models.zoo.vision` or :mod:`models.zoo.sequence`, where ``interface`` is the shared
+:class:`~models.zoo._spec.Interface` of its family (inputs, outputs, dynamic dimensions).
 """
 
 from normport.models.zoo import sequence, vision  # noqa: F401  (registers the networks)

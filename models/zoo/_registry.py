@@ -3,40 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from torch import nn
 
-from normport.models.zoo._spec import InputFn, ZooSpec
+from normport.models.zoo._spec import Interface, ZooSpec
 
 __all__ = ["get", "names", "register"]
 
 _REGISTRY: dict[str, ZooSpec] = {}
 
+# A zero-argument module constructor: a function or a network class with all defaults.
+Factory = TypeVar("Factory", bound=Callable[[], nn.Module])
 
-def register(
-    name: str,
-    *,
-    description: str,
-    input_fn: InputFn,
-    input_names: tuple[str, ...],
-    output_names: tuple[str, ...],
-    dynamic_dims: dict[str, dict[int, str]],
-    dims: dict[str, int],
-) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
-    """Decorator: register ``factory`` (a zero-argument module constructor) under ``name``."""
 
-    def decorate(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+def register(name: str, interface: Interface, *, description: str) -> Callable[[Factory], Factory]:
+    """Decorator: register ``factory`` under ``name``, fed and read as ``interface`` says."""
+
+    def decorate(factory: Factory) -> Factory:
         if name in _REGISTRY:
             raise ValueError(f"zoo network {name!r} is already registered")
         _REGISTRY[name] = ZooSpec(
             name=name,
             description=description,
             factory=factory,
-            input_fn=input_fn,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_dims={k: dict(v) for k, v in dynamic_dims.items()},
-            dims=dict(dims),
+            input_fn=interface.input_fn,
+            input_names=interface.input_names,
+            output_names=interface.output_names,
+            dynamic_dims={k: dict(v) for k, v in interface.dynamic_dims.items()},
+            dims=dict(interface.dims),
         )
         return factory
 

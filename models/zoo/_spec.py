@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from normport.models.zoo._calibrate import calibrate
 
-__all__ = ["InputFn", "ZooSpec"]
+__all__ = ["InputFn", "Interface", "ZooSpec"]
 
 # ``(batch_size, generator, **dims) -> inputs``: draws one batch of example inputs.
 InputFn = Callable[..., tuple[Tensor, ...]]
@@ -21,6 +21,19 @@ _WARMUP_SCALE = 2.0
 _WARMUP_SHIFT = 1.0
 _WARMUP_STEPS = 4
 _WARMUP_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Interface:
+    """How a family of networks is fed and what it returns (the :class:`ZooSpec` fields of the
+    same names): every image classifier shares one, every token model another.
+    """
+
+    input_fn: InputFn
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_dims: dict[str, dict[int, str]]
+    dims: dict[str, int]
 
 
 @dataclass(frozen=True)

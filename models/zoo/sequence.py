@@ -17,15 +17,18 @@ from torch import Tensor, nn
 
 from normport import models
 from normport.models.zoo._registry import register
+from normport.models.zoo._spec import Interface
 
 __all__ = [
     "DecoderLM",
     "GatedLinearRecurrence",
     "PreNormBlock",
     "RecurrentLN",
+    "SEQUENCE_TO_SEQUENCE",
     "SelfAttention",
     "SequenceBN",
     "SwiGLU",
+    "TOKENS_TO_LOGITS",
     "TransformerEncoder",
     "sequence_inputs",
     "token_inputs",
@@ -36,8 +39,6 @@ MAX_LEN = 64
 FEATURES = 8
 OUT_FEATURES = 4
 
-_TOKEN_DIMS = {"tokens": {0: "batch", 1: "seq_len"}}
-_SEQUENCE_DIMS = {"sequence": {0: "batch", 1: "seq_len"}}
 _SEQ_LEN = {"seq_len": 16}
 
 
@@ -53,6 +54,22 @@ def sequence_inputs(
 ) -> tuple[Tensor]:
     """A standard-normal ``(N, L, F)`` float32 sequence batch."""
     return (torch.randn(batch_size, seq_len, features, generator=generator),)
+
+
+TOKENS_TO_LOGITS = Interface(
+    input_fn=token_inputs,
+    input_names=("tokens",),
+    output_names=("logits",),
+    dynamic_dims={"tokens": {0: "batch", 1: "seq_len"}},
+    dims=_SEQ_LEN,
+)
+SEQUENCE_TO_SEQUENCE = Interface(
+    input_fn=functools.partial(sequence_inputs, features=FEATURES),
+    input_names=("sequence",),
+    output_names=("output",),
+    dynamic_dims={"sequence": {0: "batch", 1: "seq_len"}},
+    dims=_SEQ_LEN,
+)
 
 
 class SelfAttention(nn.Module):
@@ -140,6 +157,11 @@ class _TokenModel(nn.Module):
         return self.head(self.norm(self.blocks(x)))
 
 
+@register(
+    "transformer_ln",
+    TOKENS_TO_LOGITS,
+    description="Pre-LN Transformer encoder (2 blocks, hand-written attention) with LayerNorm.",
+)
 class TransformerEncoder(_TokenModel):
     """Pre-LN Transformer encoder (bidirectional attention, GELU MLP) with LayerNorm."""
 
@@ -156,6 +178,11 @@ class TransformerEncoder(_TokenModel):
         super().__init__(blocks, models.LayerNorm(dim), dim, head_bias=True)
 
 
+@register(
+    "llm_rms",
+    TOKENS_TO_LOGITS,
+    description="Tiny causal decoder LM with RMSNorm, hand-written causal attention, SwiGLU.",
+)
 class DecoderLM(_TokenModel):
     """Tiny causal decoder (LLaMA-like): pre-RMSNorm causal attention, SwiGLU MLP."""
 
@@ -204,6 +231,11 @@ class GatedLinearRecurrence(nn.Module):
         return (decay * inject.unsqueeze(1)).sum(2)
 
 
+@register(
+    "rnn_ln",
+    SEQUENCE_TO_SEQUENCE,
+    description="Gated linear recurrence with one shared LayerNorm applied at every time step.",
+)
 class RecurrentLN(nn.Module):
     """Gated linear recurrence whose hidden state is layer-normalized at every time step.
 
@@ -226,6 +258,11 @@ class RecurrentLN(nn.Module):
         return self.readout(self.norm(self.recurrence(sequence)))
 
 
+@register(
+    "seq_bn",
+    SEQUENCE_TO_SEQUENCE,
+    description="Channel-last sequence MLP with SequenceBatchNorm over (N, L, C) and a residual.",
+)
 class SequenceBN(nn.Module):
     """Channel-last sequence MLP with :class:`models.SequenceBatchNorm` and a residual.
 
@@ -246,55 +283,3 @@ class SequenceBN(nn.Module):
     def forward(self, sequence: Tensor) -> Tensor:
         h = F.gelu(self.bn1(self.in_proj(sequence)))
         return self.head(F.gelu(h + self.bn2(self.mid(h))))
-
-
-@register(
-    "transformer_ln",
-    description="Pre-LN Transformer encoder (2 blocks, hand-written attention) with LayerNorm.",
-    input_fn=token_inputs,
-    input_names=("tokens",),
-    output_names=("logits",),
-    dynamic_dims=_TOKEN_DIMS,
-    dims=_SEQ_LEN,
-)
-def transformer_ln() -> nn.Module:
-    return TransformerEncoder()
-
-
-@register(
-    "llm_rms",
-    description="Tiny causal decoder LM with RMSNorm, hand-written causal attention, SwiGLU.",
-    input_fn=token_inputs,
-    input_names=("tokens",),
-    output_names=("logits",),
-    dynamic_dims=_TOKEN_DIMS,
-    dims=_SEQ_LEN,
-)
-def llm_rms() -> nn.Module:
-    return DecoderLM()
-
-
-@register(
-    "rnn_ln",
-    description="Gated linear recurrence with one shared LayerNorm applied at every time step.",
-    input_fn=functools.partial(sequence_inputs, features=FEATURES),
-    input_names=("sequence",),
-    output_names=("output",),
-    dynamic_dims=_SEQUENCE_DIMS,
-    dims=_SEQ_LEN,
-)
-def rnn_ln() -> nn.Module:
-    return RecurrentLN()
-
-
-@register(
-    "seq_bn",
-    description="Channel-last sequence MLP with SequenceBatchNorm over (N, L, C) and a residual.",
-    input_fn=functools.partial(sequence_inputs, features=FEATURES),
-    input_names=("sequence",),
-    output_names=("output",),
-    dynamic_dims=_SEQUENCE_DIMS,
-    dims=_SEQ_LEN,
-)
-def seq_bn() -> nn.Module:
-    return SequenceBN()

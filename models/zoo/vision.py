@@ -5,6 +5,8 @@ All take ``image`` of shape ``(N, 3, H, W)`` float32 with dynamic batch, height 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -13,13 +15,20 @@ from torch import Tensor, nn
 
 from normport import models
 from normport.models.zoo._registry import register
+from normport.models.zoo._spec import Interface
 
-__all__ = ["Classifier", "ConvNormAct", "ResidualBlock", "StyleNet", "image_inputs"]
+__all__ = [
+    "CLASSIFIER",
+    "Classifier",
+    "ConvNormAct",
+    "IMAGE_TO_IMAGE",
+    "ResidualBlock",
+    "StyleNet",
+    "image_inputs",
+]
 
 NormFactory = Callable[[int], nn.Module]
 
-_IMAGE_DIMS = {"image": {0: "batch", 2: "height", 3: "width"}}
-_IMAGE_SIZE = {"height": 32, "width": 32}
 _CLASSES = 10
 
 
@@ -28,6 +37,16 @@ def image_inputs(
 ) -> tuple[Tensor]:
     """One ``(N, 3, H, W)`` standard-normal image batch."""
     return (torch.randn(batch_size, 3, height, width, generator=generator),)
+
+
+CLASSIFIER = Interface(
+    input_fn=image_inputs,
+    input_names=("image",),
+    output_names=("logits",),
+    dynamic_dims={"image": {0: "batch", 2: "height", 3: "width"}},
+    dims={"height": 32, "width": 32},
+)
+IMAGE_TO_IMAGE = dataclasses.replace(CLASSIFIER, output_names=("image_out",))
 
 
 class ConvNormAct(nn.Sequential):
@@ -97,70 +116,56 @@ class Classifier(nn.Module):
         return self.head(self.features(image).mean((2, 3)))
 
 
+def _downsampling_cnn(norm: NormFactory, width: int) -> nn.Module:
+    """``conv-norm-relu`` to ``width`` channels, a stride-2 one to ``2 * width``, a residual
+    block, pool, linear."""
+    features = nn.Sequential(
+        ConvNormAct(3, width, norm),
+        ConvNormAct(width, 2 * width, norm, stride=2),
+        ResidualBlock(2 * width, 2 * width, norm),
+    )
+    return Classifier(features, 2 * width)
+
+
 @register(
     "cnn_bn",
+    CLASSIFIER,
     description="ResNet-style CNN with BatchNorm2d: stem, two residual blocks, pool, linear.",
-    input_fn=image_inputs,
-    input_names=("image",),
-    output_names=("logits",),
-    dynamic_dims=_IMAGE_DIMS,
-    dims=_IMAGE_SIZE,
 )
 def cnn_bn() -> nn.Module:
     """Default BatchNorm2d everywhere but the last block (``eps=1e-3``, ``momentum=0.2``)."""
-
-    def tuned(channels: int) -> nn.Module:
-        return models.BatchNorm2d(channels, eps=1e-3, momentum=0.2)
-
     norm = models.BatchNorm2d
     features = nn.Sequential(
         ConvNormAct(3, 16, norm),
         ResidualBlock(16, 16, norm),
-        ResidualBlock(16, 32, tuned, stride=2),
+        ResidualBlock(16, 32, functools.partial(norm, eps=1e-3, momentum=0.2), stride=2),
     )
     return Classifier(features, 32)
 
 
 @register(
     "cnn_gn",
+    CLASSIFIER,
     description="Small CNN with GroupNorm (4 groups of 8 and 16 channels) and a residual block.",
-    input_fn=image_inputs,
-    input_names=("image",),
-    output_names=("logits",),
-    dynamic_dims=_IMAGE_DIMS,
-    dims=_IMAGE_SIZE,
 )
 def cnn_gn() -> nn.Module:
-    def norm(channels: int) -> nn.Module:
-        return models.GroupNorm(4, channels)
-
-    features = nn.Sequential(
-        ConvNormAct(3, 8, norm),
-        ConvNormAct(8, 16, norm, stride=2),
-        ResidualBlock(16, 16, norm),
-    )
-    return Classifier(features, 16)
+    return _downsampling_cnn(functools.partial(models.GroupNorm, 4), 8)
 
 
 @register(
     "cnn_sn",
+    CLASSIFIER,
     description="CNN with SwitchableNorm2d (instance/layer/batch mixture) and a residual block.",
-    input_fn=image_inputs,
-    input_names=("image",),
-    output_names=("logits",),
-    dynamic_dims=_IMAGE_DIMS,
-    dims=_IMAGE_SIZE,
 )
 def cnn_sn() -> nn.Module:
-    norm = models.SwitchableNorm2d
-    features = nn.Sequential(
-        ConvNormAct(3, 16, norm),
-        ConvNormAct(16, 32, norm, stride=2),
-        ResidualBlock(32, 32, norm),
-    )
-    return Classifier(features, 32)
+    return _downsampling_cnn(models.SwitchableNorm2d, 16)
 
 
+@register(
+    "style_in",
+    IMAGE_TO_IMAGE,
+    description="Image-to-image style network with InstanceNorm2d, down/residual/up, tanh out.",
+)
 class StyleNet(nn.Module):
     """Image-to-image style network with InstanceNorm2d (Johnson et al. style, tiny).
 
@@ -172,16 +177,9 @@ class StyleNet(nn.Module):
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
-
-        def tracked(c: int) -> nn.Module:
-            return models.InstanceNorm2d(c, affine=True, track_running_stats=True)
-
-        def affine(c: int) -> nn.Module:
-            return models.InstanceNorm2d(c, affine=True)
-
-        def plain(c: int) -> nn.Module:
-            return models.InstanceNorm2d(c)
-
+        plain = models.InstanceNorm2d
+        affine = functools.partial(plain, affine=True)
+        tracked = functools.partial(plain, affine=True, track_running_stats=True)
         w = width
         self.down = nn.Sequential(
             ConvNormAct(3, w, tracked),
@@ -201,16 +199,3 @@ class StyleNet(nn.Module):
         x = self.up1(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         x = self.up2(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         return torch.tanh(self.out(x))
-
-
-@register(
-    "style_in",
-    description="Image-to-image style network with InstanceNorm2d, down/residual/up, tanh out.",
-    input_fn=image_inputs,
-    input_names=("image",),
-    output_names=("image_out",),
-    dynamic_dims=_IMAGE_DIMS,
-    dims=_IMAGE_SIZE,
-)
-def style_in() -> nn.Module:
-    return StyleNet()
