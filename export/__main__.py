@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from normport import export
-from normport.export import batch_mates, factory
+from normport.export import batch_mates, cli_help, factory
 from normport.export._layers_table import (
     LAYERS_KEY,
     NORM_OPS,
@@ -113,23 +113,12 @@ def valid_model_name(name: str) -> bool:
     return bool(_MODEL_NAME.fullmatch(name))
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults, except the empty ones (None, False) of options that have none; keeps
-    the epilog's lines."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m export",
-        description="Export zoo networks, or your own model, to ONNX into a Triton Inference "
-        "Server model repository: <out>/<name>/config.pbtxt and <out>/<name>/1/model.onnx.",
-        formatter_class=_HelpFormatter,
-        epilog=_EXAMPLES,
+    parser = cli_help.parser(
+        "python -m export",
+        "Export zoo networks, or your own model, to ONNX into a Triton Inference Server model "
+        "repository: <out>/<name>/config.pbtxt and <out>/<name>/1/model.onnx.",
+        _EXAMPLES,
     )
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument(

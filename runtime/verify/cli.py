@@ -32,6 +32,7 @@ import onnxruntime
 import torch
 
 from normport import export
+from normport.export import cli_help
 from normport.export.about import version
 from normport.runtime.verify import divergence, parity, report, subjects
 from normport.runtime.verify.divergence import Divergence
@@ -59,17 +60,12 @@ onnxruntime died), or a usage error
 """
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, and the epilog's examples kept as written."""
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m runtime verify",
-        description="Parity matrix (PyTorch vs onnxruntime vs the ONNX reference evaluator), "
+    parser = cli_help.parser(
+        "python -m runtime verify",
+        "Parity matrix (PyTorch vs onnxruntime vs the ONNX reference evaluator), "
         "train-vs-eval divergence study, report.md / results.json / plots.",
-        epilog=_EPILOG,
-        formatter_class=_Formatter,
+        _EPILOG,
     )
     parser.add_argument("--all", action="store_true", help="every layer and zoo network")
     parser.add_argument(
