@@ -7,7 +7,10 @@
 - ``python -m benchmarks.export_time``: ``export.to_onnx`` vs ``torch.onnx.export``;
 - ``python -m benchmarks.startup``: server start to ready and idle RSS (cold and cached).
 
-Shared: :mod:`benchmarks.timing` (interleaved timing: every side in every round),
-:mod:`benchmarks.report` (the metadata every report starts with, and the JSON writer),
-:mod:`benchmarks.loadgen` (the HTTP load generator).
+Shared: :mod:`benchmarks.cases` (the one case list: the layer cases of the layer and export
+benchmarks, the networks the serve benchmark drives), :mod:`benchmarks.twins` (a case's
+normport layer with random state and the twin it is compared with), :mod:`benchmarks.options`
+(the options of the layer and export benchmarks), :mod:`benchmarks.timing` (interleaved
+timing: every side in every round), :mod:`benchmarks.report` (the metadata every report starts
+with, and the JSON writer), :mod:`benchmarks.loadgen` (the HTTP load generator).
 """

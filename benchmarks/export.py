@@ -2,7 +2,8 @@
 
 Run as ``python -m benchmarks.export --threads 1 --out reports/bench/export.json`` (``make bench``).
 
-Part 1, per layer and opset (eval mode, random non-trivial state), on the same input:
+Part 1, per layer case of :data:`benchmarks.cases.LAYERS` (shared with :mod:`benchmarks.layers`)
+and each of its opsets (eval mode, random non-trivial state), on the same input:
 ``normport_ort`` (onnxruntime on ``export.to_onnx(layer, mode="eval", opset=opset)``, dynamic
 batch), ``twin_ort`` (onnxruntime on ``torch.onnx.export(twin, (x,), dynamo=True,
 opset_version=opset)`` of the torch.nn twin; below 18 torch.onnx may keep opset 18, so each
@@ -13,8 +14,8 @@ row records the opset every file really imports) and ``eager`` (the twin under `
 eager.  SequenceBatchNorm also times ``alt_ort``, a hand-built ``Transpose ->
 BatchNormalization -> Transpose`` graph with the same numbers (``fold_ratio``).
 
-Part 2, per zoo network: onnxruntime on normport's eval export (opset 23, the spec's dynamic
-dims) vs PyTorch eager at batch 1 and 32, plus the time ``export.to_onnx`` takes.
+Part 2, per zoo network (all of them): onnxruntime on normport's eval export (opset 23, the
+spec's dynamic dims) vs PyTorch eager at batch 1 and 32, plus the time ``export.to_onnx`` takes.
 
 Timing follows :mod:`benchmarks.layers`: every round times every side (the order alternates), the
 warmup sizes ``inner`` steps per sample to a time budget, ``*_ms`` is the median over rounds.
@@ -28,17 +29,15 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import onnx
 import torch
-from torch import nn
 
 from benchmarks import _export_graphs as graphs
-from benchmarks.layers.cases import randomize_
+from benchmarks.cases import LayerCase, layer_cases, pick
+from benchmarks.options import layer_parser, parse
 from benchmarks.report import environment, write_report
 from benchmarks.timing import (
     Step,
@@ -48,7 +47,8 @@ from benchmarks.timing import (
     time_cpu,
     time_interleaved,
 )
-from normport import export, models
+from benchmarks.twins import make_input, make_layer, make_twin, torch_twin
+from normport import export
 from normport.models import zoo
 
 __all__ = ["MAX_ABS_DIFF", "RATIO_TARGET", "main"]
@@ -59,49 +59,9 @@ RATIO_TARGET = 1.0
 MAX_ABS_DIFF = 1e-3
 """Each onnxruntime output must stay within this of the PyTorch eager output."""
 
-OPSETS = (17, 18, 21, 23)
-LOW_OPSET = 13  # only where a layer lowers to a function below its standard op's opset
 ZOO_OPSET = 23
 ZOO_BATCHES = (1, 32)
 SEED = 0
-
-TOKENS = (32, 128, 768)
-FMAP = (8, 256, 28, 28)
-
-
-@dataclass(frozen=True)
-class LayerCase:
-    """One layer at one shape, and the opsets it is exported at by default."""
-
-    layer: str
-    shape: tuple[int, ...]
-    make: Callable[[], nn.Module]
-    opsets: tuple[int, ...] = OPSETS
-    has_twin: bool = True
-
-
-def build_layer_cases() -> list[LayerCase]:
-    """The layers at realistic shapes; opset 13 where normport emits a function there."""
-    with_low = (LOW_OPSET, *OPSETS)
-    return [
-        LayerCase("LayerNorm", TOKENS, lambda: models.LayerNorm(768), with_low),
-        LayerCase("RMSNorm", TOKENS, lambda: models.RMSNorm(768), with_low),
-        LayerCase("BatchNorm2d", FMAP, lambda: models.BatchNorm2d(256)),
-        LayerCase("GroupNorm", FMAP, lambda: models.GroupNorm(32, 256), with_low),
-        LayerCase("InstanceNorm2d", FMAP, lambda: models.InstanceNorm2d(256, affine=True)),
-        LayerCase("SwitchableNorm2d", FMAP, lambda: models.SwitchableNorm2d(256), has_twin=False),
-        LayerCase("SequenceBatchNorm", TOKENS, lambda: models.SequenceBatchNorm(768)),
-    ]
-
-
-def _pick(known: Sequence[str], wanted: Sequence[str] | None, what: str) -> list[str]:
-    if not wanted:
-        return list(known)
-    lower = {k.lower(): k for k in known}
-    unknown = [w for w in wanted if w.lower() not in lower]
-    if unknown:
-        raise SystemExit(f"unknown {what} {unknown}; choose from {list(known)}")
-    return [lower[w.lower()] for w in wanted]
 
 
 # -- measuring ----------------------------------------------------------------------------------
@@ -120,11 +80,10 @@ def _timed(steps: dict[str, Step], plan: TimingPlan) -> tuple[dict[str, dict[str
 def bench_layer(case: LayerCase, opset: int, threads: int, plan: TimingPlan) -> dict[str, Any]:
     """One layer at one opset: normport ORT vs twin ORT vs eager (vs the hand-built graph)."""
     gen = torch.Generator().manual_seed(SEED)
-    ours = case.make()
-    randomize_(ours, gen)
-    ours.eval()
-    x = torch.randn(case.shape, generator=gen) * 2.0 + 0.5
-    ref = models.convert(ours, to="torch").eval() if case.has_twin else ours
+    ours = make_layer(case, gen).eval()
+    x = make_input(case.shape, gen)
+    twin = torch_twin(case)  # None: normport ORT is compared with normport eager only
+    ref = ours if twin is None else make_twin(twin, case, ours)
     with torch.no_grad():
         want = graphs.outputs(ref(x))
     ours_model, ours_export_s = graphs.seconds(
@@ -137,7 +96,7 @@ def bench_layer(case: LayerCase, opset: int, threads: int, plan: TimingPlan) -> 
         ours_model, feed, want, threads, MAX_ABS_DIFF
     )
     sides["normport_ort"]["export_s"] = ours_export_s
-    if case.has_twin:
+    if twin is not None:
         twin_model, twin_export_s = graphs.seconds(lambda: graphs.export_twin(ref, x, opset))
         twin_feed = {twin_model.graph.input[0].name: feed[ours_model.graph.input[0].name]}
         sides["twin_ort"], steps["twin_ort"] = graphs.ort_side(
@@ -280,25 +239,17 @@ def metadata(args: argparse.Namespace, plan: TimingPlan) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.export",
-        description="Time normport's ONNX exports in onnxruntime vs torch.onnx's and eager.",
+    """Command-line options (the shared ones: :mod:`benchmarks.options`)."""
+    parser = layer_parser(
+        "python -m benchmarks.export",
+        "Time normport's ONNX exports in onnxruntime vs torch.onnx's and eager.",
+        "reports/bench/export.json",
     )
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    parser.add_argument("--out", type=Path, default=Path("reports/bench/export.json"))
-    parser.add_argument("--quick", action="store_true", help="few repeats (smoke test)")
-    parser.add_argument("--layers", nargs="+", help="layer names (default: all)")
     parser.add_argument("--opsets", nargs="+", type=int, help="opsets for every layer")
     parser.add_argument("--zoo", nargs="+", help="zoo networks (default: all)")
     parser.add_argument("--no-zoo", action="store_true", help="skip part 2")
     parser.add_argument("--budget-s", type=float, default=3.0, help="seconds of timing per row")
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
-    split = [name for item in args.layers or [] for name in item.split(",") if name]
-    args.layers = split or None
-    return args
+    return parse(parser, argv)
 
 
 def _log(message: str) -> None:
@@ -314,16 +265,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.quick
         else TimingPlan(2, 9, 30, args.budget_s, min_inner=1, max_inner=50)
     )
-    cases = {case.layer: case for case in build_layer_cases()}
     started = time.perf_counter()
     rows = []
-    for layer in _pick(list(cases), args.layers, "layer(s)"):
-        for opset in args.opsets or cases[layer].opsets:
-            _log(f"  {layer} opset {opset} ...")
-            rows.append(bench_layer(cases[layer], opset, args.threads, plan))
+    for case in layer_cases(args.layers):
+        for opset in args.opsets or case.opsets:
+            _log(f"  {case.layer} opset {opset} ...")
+            rows.append(bench_layer(case, opset, args.threads, plan))
     networks = []
     if not args.no_zoo:
-        for name in _pick(zoo.names(), args.zoo, "zoo network(s)"):
+        for name in pick(zoo.names(), args.zoo, "zoo network"):
             _log(f"  zoo {name} ...")
             networks.append(bench_network(name, args.threads, plan, 1 if args.quick else 2))
     meta = {**metadata(args, plan), "elapsed_s": round(time.perf_counter() - started, 1)}

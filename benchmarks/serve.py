@@ -3,10 +3,11 @@
     python -m benchmarks.serve [--out reports/bench/serve.json] [--quick]
                                   [--repository DIR] [--threads 1] [--duration 3]
 
-Models: a small one (``seq_bn``) and a CNN (``cnn_bn``), exported into a temporary repository
-unless ``--repository`` holds them.  For each model the server runs in a subprocess
-(``python -m runtime serve``, one per batching mode) and an aiohttp closed-loop client drives
-it at concurrency 1, 8 and 64, with JSON and with binary tensors, one sample per request.
+Models: :data:`benchmarks.cases.SERVED`, a small one (``seq_bn``) and a CNN (``cnn_bn``),
+exported into a temporary repository unless ``--repository`` holds them.  For each model the
+server runs in a subprocess (``python -m runtime serve``, one per batching mode) and an aiohttp
+closed-loop client drives it at concurrency 1, 8 and 64, with JSON and with binary tensors, one
+sample per request (float32, of the case's ``sample_shape``).
 In-process onnxruntime (same session options, same inputs) gives the baselines: batch-1
 latency, and the throughput of running *the same batches* the server ran (the batch sizes its
 statistics recorded in that cell).
@@ -37,16 +38,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.cases import SERVED, served_cases
 from benchmarks.loadgen import build_body, decode_output, run_load
 from benchmarks.report import environment, write_report
 
-__all__ = ["MODELS", "TARGETS", "main"]
+__all__ = ["TARGETS", "main"]
 
-# name -> (input, output, per-sample shape, dtype)
-MODELS: dict[str, tuple[str, str, tuple[int, ...], type]] = {
-    "seq_bn": ("sequence", "output", (16, 8), np.float32),
-    "cnn_bn": ("image", "logits", (3, 32, 32), np.float32),
-}
 CONCURRENCY = (1, 8, 64)
 QUICK_CONCURRENCY = (1, 8)
 TARGETS = {"overhead_p50_ms": 0.5, "batching_speedup": 3.0, "vs_inprocess": 0.8}
@@ -60,13 +57,14 @@ def _log(message: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__)
     p.add_argument("--out", default="reports/bench/serve.json")
-    p.add_argument("--repository", help="a repository holding seq_bn and cnn_bn (else exported)")
+    p.add_argument("--repository", help="a repository holding the models (else exported)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--duration", type=float, default=2.5, help="seconds measured per cell")
     p.add_argument(
         "--quick", action="store_true", help="0.2 s cells, concurrency 1 and 8: a smoke test"
     )
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
+    served = ",".join(case.network for case in SERVED)
+    p.add_argument("--models", help=f"comma-separated subset of {served} (default: all)")
     return p
 
 
@@ -150,16 +148,18 @@ def _batch_counts(before: dict[str, Any], after: dict[str, Any]) -> dict[int, in
 
 
 class _InProcess:
-    """onnxruntime in this process with the server's session options."""
+    """onnxruntime in this process with the server's session options, on a model with one
+    input and one output (their names are read off the file)."""
 
-    def __init__(self, path: Path, threads: int, input_name: str) -> None:
+    def __init__(self, path: Path, threads: int) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = input_name
+        (self.input_name,) = (node.name for node in self.session.get_inputs())
+        (self.output_name,) = (node.name for node in self.session.get_outputs())
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]
@@ -237,14 +237,13 @@ def _cell(url: str, pid: int, name: str, bodies: list, concurrency: int, seconds
 def _bench_model(
     name: str, repository: Path, args: argparse.Namespace, inputs: np.ndarray
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    input_name, output_name, _, _ = MODELS[name]
-    local = _InProcess(repository / name / "1" / "model.onnx", args.threads, input_name)
-    expected = [local.run(inputs[i : i + 1]) for i in range(len(inputs))]
+    local = _InProcess(repository / name / "1" / "model.onnx", args.threads)
+    samples = [inputs[i : i + 1] for i in range(len(inputs))]
+    expected = [local.run(x) for x in samples]
     bodies = {
-        binary: [build_body(input_name, inputs[i : i + 1], output_name, binary=binary)
-                 for i in range(len(inputs))]
+        binary: [build_body(local.input_name, x, local.output_name, binary=binary) for x in samples]
         for binary in (False, True)
-    }  # fmt: skip
+    }
     rows = []
     for batching in (True, False):
         with _server(repository, args.threads, batching) as (url, pid):
@@ -368,10 +367,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.concurrency = QUICK_CONCURRENCY if args.quick else CONCURRENCY
     if args.quick:
         args.duration = min(args.duration, 0.2)
-    names = [n for n in args.models.split(",") if n]
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        raise SystemExit(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    cases = served_cases(args.models.split(",") if args.models else None)
+    names = [case.network for case in cases]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         repository = Path(args.repository) if args.repository else Path(tmp)
@@ -383,10 +380,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             _export(missing, repository)
         rows, baselines = [], {}
         rng = np.random.default_rng(0)
-        for name in names:
-            shape, dtype = MODELS[name][2], MODELS[name][3]
-            inputs = rng.standard_normal((_POOL, *shape)).astype(dtype)
-            model_rows, baselines[name] = _bench_model(name, repository, args, inputs)
+        for case in cases:
+            inputs = rng.standard_normal((_POOL, *case.sample_shape)).astype(np.float32)
+            model_rows, baselines[case.network] = _bench_model(
+                case.network, repository, args, inputs
+            )
             rows += model_rows
     report = {
         "metadata": {

@@ -122,7 +122,7 @@ def build_pool(name: str, model_path: Path, threads: int) -> list[Case]:
 
     spec = zoo.get(name)
     (input_name,), (output_name,) = spec.input_names, spec.output_names
-    direct = _InProcess(model_path, threads, input_name)
+    direct = _InProcess(model_path, threads)
     pool = []
     for seed, (dims, batch, _) in enumerate(
         itertools.product(_variants(spec.dims), BATCH_SIZES, range(_DRAWS))

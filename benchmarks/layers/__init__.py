@@ -2,7 +2,7 @@
 
 Run as ``python -m benchmarks.layers --threads 1 --out reports/bench/layers.json`` (``make bench``).
 
-For each layer at a realistic shape and each mode
+For each layer case of :data:`benchmarks.cases.LAYERS` (a realistic shape) and each mode
 
 * ``eval``: ``module.eval()``, forward under ``torch.no_grad()``;
 * ``train``: ``module.train()``, forward + ``y.backward(grad)`` with a fixed random ``grad``
@@ -17,9 +17,10 @@ schedule to a time budget per row: each sample averages ``inner`` consecutive st
 median over ``repeats`` rounds is reported (with the interquartile range).
 ``ratio = normport_ms / twin_ms`` and ``ok`` means a valid row with ``ratio <= RATIO_TARGET``.
 
-SwitchableNorm2d has no torch.nn twin; it is compared with :class:`ReferenceSwitchableNorm2d`,
-the composite a user would write without normport (the structure of the authors' reference
-implementation, in plain torch ops).
+The twin is the layer's torch.nn twin from the layer table, built with the case's arguments
+(:mod:`benchmarks.twins`).  SwitchableNorm2d has none; it is compared with
+:class:`ReferenceSwitchableNorm2d`, the composite a user would write without normport (the
+structure of the authors' reference implementation, in plain torch ops).
 
 With CUDA available the same comparison also runs on the GPU, eager and under
 ``torch.compile`` (CUDA events around ``inner`` steps, gradient resets included), and the eval
@@ -30,16 +31,19 @@ Without CUDA the JSON records ``"cuda": null`` and ``"cuda_skipped"`` says why.
 
 Modules:
 
+* :mod:`benchmarks.cases` / :mod:`benchmarks.twins`: the layer cases, their state and twins
+  (shared with :mod:`benchmarks.export`);
 * :mod:`benchmarks.timing`: steps, interleaved timing, schedules, summaries (generic;
   :mod:`benchmarks.export` uses it too);
-* :mod:`benchmarks.layers.cases`: the layers and twins, their state and inputs, agreement checks;
+* :mod:`benchmarks.layers.compare`: both sides' state and inputs, the timed step, agreement;
 * :mod:`benchmarks.layers.rows`: one checked and timed JSON row per layer and mode;
 * :mod:`benchmarks.layers.report`: metadata, the text table, the JSON file;
 * :mod:`benchmarks.layers.cli`: options, the CPU and GPU runs, ``main``.
 """
 
-from benchmarks.layers.cases import MAX_ABS_DIFF, ReferenceSwitchableNorm2d
 from benchmarks.layers.cli import main
+from benchmarks.layers.compare import MAX_ABS_DIFF
 from benchmarks.layers.rows import RATIO_TARGET
+from benchmarks.twins import ReferenceSwitchableNorm2d
 
 __all__ = ["MAX_ABS_DIFF", "RATIO_TARGET", "ReferenceSwitchableNorm2d", "main"]

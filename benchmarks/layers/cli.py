@@ -12,14 +12,15 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.layers.cases import MODES, Case, build_cases, select_cases
+from benchmarks.cases import LayerCase, layer_cases
+from benchmarks.layers.compare import MODES
 from benchmarks.layers.report import format_table, metadata, write_json
 from benchmarks.layers.rows import RATIO_TARGET, bench_rows, rounded
+from benchmarks.options import layer_parser, parse
 from benchmarks.timing import (
     Step,
     TimingPlan,
@@ -36,15 +37,12 @@ BANDWIDTH_LAYERS = ("LayerNorm", "BatchNorm2d")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.layers",
-        description="Time normport's layers against their torch.nn twins (eval and train).",
+    """Command-line options (the shared ones: :mod:`benchmarks.options`)."""
+    parser = layer_parser(
+        "python -m benchmarks.layers",
+        "Time normport's layers against their torch.nn twins (eval and train).",
+        "reports/bench/layers.json",
     )
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    parser.add_argument("--out", type=Path, default=Path("reports/bench/layers.json"))
-    parser.add_argument("--quick", action="store_true", help="few repeats (smoke test)")
-    parser.add_argument("--layers", help="comma-separated layer names (default: all)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated: eval,train")
     parser.add_argument("--max-repeats", type=int, default=30)
     parser.add_argument("--min-repeats", type=int, default=9)
@@ -56,9 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-cuda", action="store_true", help="skip the GPU part")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile on GPU")
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be >= 1")
+    args = parse(parser, argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or set(args.modes) - set(MODES):
         parser.error(f"--modes must be a subset of {list(MODES)}")
@@ -127,7 +123,7 @@ def bandwidth_rows(
 
 
 def bench_cuda(
-    cases: list[Case], modes: Sequence[str], plan: TimingPlan, compile_too: bool
+    cases: list[LayerCase], modes: Sequence[str], plan: TimingPlan, compile_too: bool
 ) -> dict[str, Any]:
     """GPU rows (eager, and compiled unless disabled) plus the bandwidth comparison."""
     device = torch.device("cuda")
@@ -145,7 +141,7 @@ def bench_cuda(
 
 
 def cuda_part(
-    args: argparse.Namespace, cases: list[Case], plan: TimingPlan
+    args: argparse.Namespace, cases: list[LayerCase], plan: TimingPlan
 ) -> tuple[dict[str, Any] | None, str | None]:
     """The GPU section, or None and the reason it was skipped."""
     if args.no_cuda:
@@ -167,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, write the JSON report, print the table; return the report."""
     args = parse_args(argv)
     pin_threads(args.threads)
-    cases = select_cases(build_cases(), args.layers.split(",") if args.layers else None)
+    cases = layer_cases(args.layers)
     cpu_plan, gpu_plan = timing_plans(args)
     started = time.perf_counter()
     _log(f"cpu ({torch.get_num_threads()} thread(s)):")

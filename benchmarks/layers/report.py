@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.layers.cases import MAX_ABS_DIFF
+from benchmarks.layers.compare import MAX_ABS_DIFF
 from benchmarks.layers.rows import RATIO_TARGET
 from benchmarks.report import environment, write_report
 from benchmarks.timing import TimingPlan
@@ -47,7 +47,7 @@ def metadata(args: argparse.Namespace, cpu_plan: TimingPlan) -> dict[str, Any]:
         },
         "switchable_twin": (
             "SwitchableNorm2d has no torch.nn twin: compared with "
-            "benchmarks.layers.ReferenceSwitchableNorm2d, a plain-torch composite (var_mean "
+            "benchmarks.twins.ReferenceSwitchableNorm2d, a plain-torch composite (var_mean "
             "instance stats, layer/batch stats from them, softmax mix, "
             "(x - mean) / sqrt(var + eps))"
         ),

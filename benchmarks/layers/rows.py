@@ -14,15 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks.layers.cases import (
-    SEED,
-    Case,
-    check_agreement,
-    make_inputs,
-    make_pair,
-    make_step,
-)
+from benchmarks.cases import LayerCase
+from benchmarks.layers.compare import SEED, check_agreement, make_inputs, make_pair, make_step
 from benchmarks.timing import Step, TimingPlan, summarize, time_interleaved
+from benchmarks.twins import twin_name
 
 __all__ = ["RATIO_TARGET", "bench_case", "bench_rows", "error_row", "rounded"]
 
@@ -41,7 +36,7 @@ def _maybe_compile(module: nn.Module, compiled: bool) -> Callable[[Tensor], Tens
     return torch.compile(module) if compiled else module
 
 
-def _empty_row(case: Case, mode: str, device: torch.device, compiled: bool) -> dict[str, Any]:
+def _empty_row(case: LayerCase, mode: str, device: torch.device, compiled: bool) -> dict[str, Any]:
     """Every key of a row, in report order, with nothing measured yet."""
     return {
         "layer": case.layer,
@@ -49,7 +44,7 @@ def _empty_row(case: Case, mode: str, device: torch.device, compiled: bool) -> d
         "mode": mode,
         "device": device.type,
         "compiled": compiled,
-        "twin": case.twin,
+        "twin": twin_name(case),
         "normport_ms": None,
         "normport_iqr_ms": None,
         "twin_ms": None,
@@ -65,7 +60,7 @@ def _empty_row(case: Case, mode: str, device: torch.device, compiled: bool) -> d
 
 
 def bench_case(
-    case: Case,
+    case: LayerCase,
     mode: str,
     device: torch.device,
     plan: TimingPlan,
@@ -103,7 +98,7 @@ def bench_case(
 
 
 def error_row(
-    case: Case, mode: str, device: torch.device, compiled: bool, exc: Exception
+    case: LayerCase, mode: str, device: torch.device, compiled: bool, exc: Exception
 ) -> dict[str, Any]:
     """A row for a comparison that could not run (e.g. a ``torch.compile`` failure)."""
     return {
@@ -113,7 +108,7 @@ def error_row(
 
 
 def bench_rows(
-    cases: list[Case],
+    cases: list[LayerCase],
     modes: Sequence[str],
     device: torch.device,
     plan: TimingPlan,
