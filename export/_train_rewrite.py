@@ -20,6 +20,11 @@ training call (domain ``normport``)        inference form (``export.lowerings``)
 Every other node computes the same in both modes (LayerNormalization, the GroupNorm and
 RMSNorm functions, ``*BatchStats`` for layers without running statistics, ...) and is kept.  The
 table is keyed by :class:`TrainFunction`: a training function not in it raises, naming the node.
+
+The rules are applied as an onnx_ir rewrite (``replace_nodes_and_values``).  onnxscript's
+pattern rewriter is not used: a replacement there must give every output of the matched call,
+while here the three state outputs go away with the graph's state outputs, and the replacement
+must be what the lowering emits (one source for each eval form).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
+from onnx import helper
 
 from normport.export._emit import FUNCTION_DOMAIN, Emitter, Inputs
 from normport.export._finalize import finalize
@@ -119,121 +125,132 @@ _BY_KIND: dict[str, Rewrite] = {
 REWRITES: dict[str, Rewrite] = {f.value: _BY_KIND[f.kind] for f in TrainFunction}
 
 
-def _dropout_to_identity(node: onnx.NodeProto, consumed: set[str]) -> onnx.NodeProto:
-    if len(node.output) > 1 and node.output[1] and node.output[1] in consumed:
+def rewrite_to_eval(
+    train_model: onnx.ModelProto, statistics: Mapping[str, np.ndarray], metadata: dict[str, str]
+) -> onnx.ModelProto:
+    """:func:`export.train_graph.to_eval` once ``metadata`` (the inference graph's) is known.
+
+    An onnx_ir rewrite: the statistics go into the state initializers, the state inputs and
+    outputs leave the graph's signature, each training call and training-mode Dropout is
+    replaced through its rule (its first output's users read the replacement's), and
+    :func:`export._finalize.finalize` drops what is dead (the training functions, Dropout's
+    constant feeds).
+    """
+    model = ir.serde.deserialize_model(train_model)
+    graph = model.graph
+    pairs = state_pairs(train_model)
+    _set_statistics(graph, [name for name, _ in pairs], statistics)
+    state = {name for pair in pairs for name in pair}
+    for values in (graph.inputs, graph.outputs):
+        for value in [v for v in values if v.name in state]:
+            values.remove(value)
+    em = _emitter(model, [name for name, _ in pairs])
+    rewritten = 0
+    for node in list(graph):
+        if node.domain == FUNCTION_DOMAIN and node.op_type in REWRITES:
+            _replace(graph, node, _lowered(graph, em, node))
+            rewritten += 1
+        elif node.op_type == "Dropout" and node.domain in ("", "ai.onnx") and len(node.inputs) > 2:
+            _replace(graph, node, [_dropout_to_identity(node)])
+        else:
+            _check_supported(node)
+    if pairs and not rewritten:
+        raise ValueError(
+            "the training graph has running statistics but no normport training calls "
+            "(exported with inline=True?); export it with inline=False to recalibrate"
+        )
+    _add_functions(model, train_model, em.functions)
+    return finalize(ir.serde.serialize_model(model), metadata)
+
+
+def _set_statistics(
+    graph: ir.Graph, names: list[str], statistics: Mapping[str, np.ndarray]
+) -> None:
+    """Each state initializer takes its value from ``statistics``, in its own dtype."""
+    missing = [name for name in names if name not in statistics]
+    if missing:
+        raise ValueError(f"no recalibrated value for state input(s) {missing}")
+    for name in names:
+        value = graph.initializers[name]
+        dtype = value.const_value.dtype.numpy()
+        value.const_value = ir.tensor(np.asarray(statistics[name]).astype(dtype), name=name)
+
+
+def _emitter(model: ir.Model, state: list[str]) -> Emitter:
+    """An emitter for the lowerings at the model's opset and the running statistics' dtype,
+    with every name in the graph taken and the (new) initializer values readable."""
+    graph = model.graph
+    values = ir.convenience.create_value_mapping(graph)
+    means = [values[n] for n in state if n.endswith(STATE_NAMES[0])]
+    elem_type = int(means[0].const_value.dtype) if means else onnx.TensorProto.FLOAT
+    taken = set(values) | {node.name for node in graph if node.name}
+    return Emitter(
+        model.opset_imports[""],
+        elem_type,
+        taken=taken,
+        initializer_values={n: v.const_value.numpy() for n, v in graph.initializers.items()},
+    )
+
+
+def _lowered(graph: ir.Graph, em: Emitter, node: ir.Node) -> list[ir.Node]:
+    """The nodes the call's rule emits (the eval lowering of its layer), wired to the graph's
+    values by name; the initializers they add join the graph."""
+    em.nodes, em.initializers = [], []
+    REWRITES[node.op_type](em, ir.serde.serialize_node(node))
+    for tensor in em.initializers:
+        value = ir.Value(name=tensor.name, const_value=ir.serde.deserialize_tensor(tensor))
+        graph.register_initializer(value)
+    values = ir.convenience.create_value_mapping(graph)
+    nodes = []
+    for proto in em.nodes:
+        new = ir.serde.deserialize_node(proto)
+        for i, name in enumerate(proto.input):
+            if name:
+                new.replace_input_with(i, values[name])
+        values.update({v.name: v for v in new.outputs if v.name})
+        nodes.append(new)
+    return nodes
+
+
+def _replace(graph: ir.Graph, node: ir.Node, nodes: list[ir.Node]) -> None:
+    """``nodes`` (the last one computing ``node``'s first output) in place of ``node``, whose
+    other outputs must be unused by now."""
+    new = nodes[-1].outputs[0]
+    ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, [node.outputs[0]], [new])
+
+
+def _dropout_to_identity(node: ir.Node) -> ir.Node:
+    mask = node.outputs[1] if len(node.outputs) > 1 else None
+    if mask is not None and (mask.uses() or mask.is_graph_output()):
         raise ValueError(f"node {node.name!r}: Dropout's mask output is used; cannot rewrite it")
-    return helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)
+    return ir.node("Identity", [node.inputs[0]], name=node.name)
 
 
-def _check_supported(node: onnx.NodeProto) -> None:
+def _check_supported(node: ir.Node) -> None:
     if node.domain == FUNCTION_DOMAIN and "Train" in node.op_type:
         raise ValueError(
             f"node {node.name!r} calls {node.domain}.{node.op_type}, which has no inference "
             f"rewrite; known: {', '.join(sorted(REWRITES))}"
         )
-    if node.op_type == "BatchNormalization" and _attrs(node).get("training_mode", 0):
+    if node.op_type == "BatchNormalization" and node.attributes.get_int("training_mode", 0):
         raise ValueError(
             f"node {node.name!r} is BatchNormalization(training_mode=1) (not a normport "
             "lowering); export the model with normport layers"
         )
 
 
-def rewrite_to_eval(
-    train_model: onnx.ModelProto, statistics: Mapping[str, np.ndarray], metadata: dict[str, str]
-) -> onnx.ModelProto:
-    """:func:`export.train_graph.to_eval` once ``metadata`` (the inference graph's) is known:
-    the statistics into the state initializers, every call through its rule, the state inputs
-    and outputs removed, then the clean-up of :func:`export._finalize.finalize`."""
-    model = onnx.ModelProto()
-    model.CopyFrom(train_model)
-    pairs = state_pairs(model)
-    _set_statistics(model.graph, [name for name, _ in pairs], statistics)
-    em = _emitter(model, [name for name, _ in pairs])
-    nodes, rewritten = _rewrite_calls(model.graph, em)
-    if pairs and not rewritten:
-        raise ValueError(
-            "the training graph has running statistics but no normport training calls "
-            "(exported with inline=True?); export it with inline=False to recalibrate"
-        )
-    _drop_state(model.graph, {name for pair in pairs for name in pair})
-    model.graph.initializer.extend(em.initializers)
-    model.graph.ClearField("node")
-    model.graph.node.extend(nodes)
-    _add_functions(model, em.functions)
-    # finalize's clean-up drops what is now dead: Dropout's constant feeds, the training
-    # functions, the normport opset import when no function is left.
-    return finalize(model, metadata)
-
-
-def _set_statistics(
-    graph: onnx.GraphProto, names: list[str], statistics: Mapping[str, np.ndarray]
+def _add_functions(
+    model: ir.Model, train_model: onnx.ModelProto, added: Mapping[str, onnx.FunctionProto]
 ) -> None:
-    """Each state initializer takes its value from ``statistics``, in its own dtype."""
-    missing = [name for name in names if name not in statistics]
-    if missing:
-        raise ValueError(f"no recalibrated value for state input(s) {missing}")
-    initializers = {t.name: t for t in graph.initializer}
-    for name in names:
-        old = initializers[name]
-        dtype = helper.tensor_dtype_to_np_dtype(old.data_type)
-        old.CopyFrom(numpy_helper.from_array(np.asarray(statistics[name]).astype(dtype), name))
-
-
-def _emitter(model: onnx.ModelProto, state: list[str]) -> Emitter:
-    """An emitter for the lowerings, at the model's opset and the running statistics' dtype,
-    with every name in the graph taken."""
-    graph = model.graph
-    means = [t for t in graph.initializer if t.name in state and t.name.endswith(STATE_NAMES[0])]
-    elem_type = means[0].data_type if means else onnx.TensorProto.FLOAT
-    taken = {t.name for t in graph.initializer} | {v.name for v in graph.input}
-    taken |= {v.name for v in graph.output} | {n.name for n in graph.node}
-    taken |= {o for n in graph.node for o in (*n.input, *n.output)}
-    return Emitter(
-        default_opset(model),
-        elem_type,
-        taken=taken,
-        initializer_values={t.name: numpy_helper.to_array(t) for t in graph.initializer},
-    )
-
-
-def _rewrite_calls(graph: onnx.GraphProto, em: Emitter) -> tuple[list[onnx.NodeProto], int]:
-    """The graph's nodes with every rule applied, and how many training calls it rewrote."""
-    consumed = {i for n in graph.node for i in n.input}
-    nodes: list[onnx.NodeProto] = []
-    rewritten = 0
-    for node in graph.node:
-        if node.domain == FUNCTION_DOMAIN and node.op_type in REWRITES:
-            em.nodes = []
-            REWRITES[node.op_type](em, node)
-            nodes.extend(em.nodes)
-            rewritten += 1
-        elif node.op_type == "Dropout" and node.domain in ("", "ai.onnx") and len(node.input) > 2:
-            nodes.append(_dropout_to_identity(node, consumed))
-        else:
-            _check_supported(node)
-            nodes.append(node)
-    return nodes, rewritten
-
-
-def _drop_state(graph: onnx.GraphProto, state: set[str]) -> None:
-    """Removes the state inputs and outputs (the initializers stay: the lowerings read them)."""
-    for field in (graph.input, graph.output):
-        kept = [v for v in field if v.name not in state]
-        del field[:]
-        field.extend(kept)
-
-
-def _add_functions(model: onnx.ModelProto, added: Mapping[str, onnx.FunctionProto]) -> None:
-    """The lowerings' functions join the model's, sorted by name; one name, one body."""
-    functions = {f.name: f for f in model.functions}
+    """The lowerings' functions join the model's; one name, one body."""
+    held = {f.name: f for f in train_model.functions}
     for name, function in added.items():
-        if name in functions and functions[name].SerializeToString() != (
-            function.SerializeToString()
-        ):
-            raise ValueError(f"the graph already has a different function {name!r}")
-        functions[name] = function
-    model.ClearField("functions")
-    model.functions.extend(functions[name] for name in sorted(functions))
+        if name in held:
+            if held[name].SerializeToString() != function.SerializeToString():
+                raise ValueError(f"the graph already has a different function {name!r}")
+            continue
+        fn = ir.serde.deserialize_function(function)
+        model.functions[fn.identifier()] = fn
 
 
 def _elem_type(model: onnx.ModelProto) -> int:
