@@ -3,7 +3,9 @@
 Each layer is a drop-in twin of its torch.nn counterpart (same constructor, parameter and
 buffer names, state_dict keys, training and eval behaviour), written in torch primitives on
 one shared normalization primitive (:mod:`models._functional`) and one shared base for
-running statistics (:mod:`models._base`).
+running statistics (:mod:`models._base`).  On the CPU in float32 / float64, LayerNorm,
+GroupNorm and BatchNorm's eval call ATen's fused kernels where those compute the same thing
+(:mod:`models._fused`); the primitive stays their reference.
 
 >>> import models
 >>> net = models.zoo.get("cnn_bn").build(seed=0)  # the example networks, :mod:`models.zoo`

@@ -50,6 +50,7 @@ from torch import Tensor
 __all__ = [
     "accumulate_dtype",
     "affine_from_stats",
+    "reference_grads",
     "standardize",
 ]
 
@@ -168,13 +169,7 @@ class _Standardize(torch.autograd.Function):
         view, center = ctx.view, ctx.center
         if torch.is_grad_enabled():
             # create_graph=True: differentiate the plain formula so that higher orders are exact.
-            inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
-            y = standardize(x, view, weight, bias, ctx.eps, center, reference=True)[0]
-            grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
-            gx, gw, gb = (
-                next(grads) if t is not None and t.requires_grad else None
-                for t in (x, weight, bias)
-            )
+            gx, gw, gb = reference_grads(dy, x, view, weight, bias, ctx.eps, center)
             return gx, None, gw, gb, None, None
 
         acc = invstd.dtype
@@ -295,6 +290,26 @@ def standardize(
     if bias is not None:
         y = y + bias
     return y.to(x.dtype), mean, var
+
+
+def reference_grads(
+    dy: Tensor,
+    x: Tensor,
+    view: View3,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    center: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of :func:`standardize` (``reference=True``) with respect to ``x``, ``weight``
+    and ``bias``, kept differentiable: a fused backward calls this under ``create_graph=True``
+    so that every higher derivative is exact.  None for what does not require grad."""
+    tensors = (x, weight, bias)
+    inputs = [t for t in tensors if t is not None and t.requires_grad]
+    y = standardize(x, view, weight, bias, eps, center, reference=True)[0]
+    grads = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    gx, gw, gb = (next(grads) if t is not None and t.requires_grad else None for t in tensors)
+    return gx, gw, gb
 
 
 def affine_from_stats(

@@ -7,7 +7,11 @@
 In training, ``E`` and ``Var`` (biased) are taken per channel over every axis but the channel
 one, and the running statistics are updated as described in :class:`models._base.NormBase`
 (unbiased variance, momentum or cumulative average).  In eval with tracked statistics the
-running ones are used, folded into one multiply-add :math:`y = x s + t`.
+running ones are used, folded into one multiply-add :math:`y = x s + t`
+(:func:`models._functional.affine_from_stats`).  That is the very formula of ATen's eval
+kernel, which runs instead for channel-first inputs on the CPU in float32 / float64 with
+parameters and statistics of the input's dtype (:func:`models._fused.uses_fused`): one pass
+instead of two.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from normport.models._affine import affine_view
 from normport.models._base import NormBase
 from normport.models._functional import affine_from_stats, standardize
+from normport.models._fused import uses_fused
 from normport.models._shapes import channel_shape, check_rank
 
 __all__ = [
@@ -47,6 +53,9 @@ class _BatchNorm(NormBase):
         per_channel = channel_shape(x, self._channel_dim)
         weight, bias = affine_view(self, per_channel)
         if not self._uses_batch_stats():
+            running = (self.running_mean, self.running_var)
+            if self._channel_dim == 1 and uses_fused(x, self.weight, self.bias, *running):
+                return F.batch_norm(x, *running, self.weight, self.bias, False, 0.0, self.eps)
             mean, var = self._running(per_channel)
             return affine_from_stats(x, mean, var, weight, bias, self.eps)
         view = self._view(x)

@@ -21,13 +21,23 @@ from torch import Tensor, nn
 from normport.models._affine import affine_view, register_affine, reset_affine
 from normport.models._base import check_eps, check_positive_int
 from normport.models._functional import standardize
+from normport.models._fused import group_norm, uses_fused_group_norm
 from normport.models._shapes import channel_shape
 
 __all__ = ["GroupNorm"]
 
 
 class GroupNorm(nn.Module):
-    """Twin of ``torch.nn.GroupNorm(num_groups, num_channels, eps=1e-5, affine=True)``."""
+    """Twin of ``torch.nn.GroupNorm(num_groups, num_channels, eps=1e-5, affine=True)``.
+
+    Which path runs: a CPU float32 / float64 input contiguous in the default layout, with
+    parameters of its dtype (no tensor subclass, not empty), goes through ATen's fused kernel
+    *without* affine, which computes :math:`(x - \\mu_{ng})\\, r_{ng}`, then
+    ``* weight + bias`` in place; its backward is ATen's (:mod:`models._fused`).  Everything
+    else (float16 / bfloat16, channels-last, other devices, mixed dtypes) runs
+    :func:`models._functional.standardize`, also the reference the fused path is tested
+    against.
+    """
 
     def __init__(
         self,
@@ -68,6 +78,8 @@ class GroupNorm(nn.Module):
                 f"expected input's size at dim=1 to match num_channels ({self.num_channels}), "
                 f"but got: {x.shape[1]}."
             )
+        if uses_fused_group_norm(x, self.weight, self.bias):
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         per_channel = channel_shape(x, 1)
         weight, bias = affine_view(self, per_channel)
         n, g = x.shape[0], self.num_groups

@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from normport.models._affine import register_affine, reset_affine
 from normport.models._base import check_eps
 from normport.models._functional import standardize
+from normport.models._fused import uses_fused
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
@@ -95,6 +97,13 @@ class LayerNorm(_TrailingNorm):
     """Twin of ``torch.nn.LayerNorm``.
 
     Arguments as torch.nn: ``(normalized_shape, eps=1e-5, elementwise_affine=True, bias=True)``.
+
+    Which path runs: a CPU float32 / float64 input with parameters of its dtype (no tensor
+    subclass, not empty) goes through ATen's fused ``F.layer_norm`` (forward, backward and
+    double backward), which computes the same normalization (see :mod:`models._fused`);
+    everything else (float16 / bfloat16, other devices, mixed dtypes) through
+    :func:`models._functional.standardize`, which is also the reference the fused path is
+    tested against.
     """
 
     def __init__(
@@ -110,11 +119,18 @@ class LayerNorm(_TrailingNorm):
         super().__init__(shape, check_eps(eps), elementwise_affine, bias, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        return standardize(input, self._view(input), self.weight, self.bias, self.eps)[0]
+        view = self._view(input)  # checks the shape on either path
+        if uses_fused(input, self.weight, self.bias):
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return standardize(input, view, self.weight, self.bias, self.eps)[0]
 
 
 class RMSNorm(_TrailingNorm):
-    """Twin of ``torch.nn.RMSNorm(normalized_shape, eps=None, elementwise_affine=True)``."""
+    """Twin of ``torch.nn.RMSNorm(normalized_shape, eps=None, elementwise_affine=True)``.
+
+    Always :func:`models._functional.standardize` (``center=False``): on the CPU torch.nn's
+    RMSNorm is itself a composite of primitive ops, with no fused kernel to dispatch to.
+    """
 
     def __init__(
         self,

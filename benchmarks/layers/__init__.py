@@ -15,7 +15,9 @@ compared first (``max_abs_diff``; a row whose diff is not below :data:`MAX_ABS_D
 modules, alternating which goes first, so machine noise hits both alike.  The warmup sizes the
 schedule to a time budget per row: each sample averages ``inner`` consecutive steps, and the
 median over ``repeats`` rounds is reported (with the interquartile range).
-``ratio = normport_ms / twin_ms`` and ``ok`` means a valid row with ``ratio <= RATIO_TARGET``.
+``ratio = normport_ms / twin_ms`` and ``ok`` means a valid row with ``ratio <= RATIO_TARGET``;
+CPU rows also carry their mode's ``target`` (:data:`MODE_TARGETS`: eval <= 1.2, train <= 1.5)
+and ``target_met``.
 
 The twin is the layer's torch.nn twin from the layer table, built with the case's arguments
 (:mod:`benchmarks.twins`).  SwitchableNorm2d has none; it is compared with
@@ -43,7 +45,7 @@ Modules:
 
 from benchmarks.layers.cli import main
 from benchmarks.layers.compare import MAX_ABS_DIFF
-from benchmarks.layers.rows import RATIO_TARGET
+from benchmarks.layers.rows import MODE_TARGETS, RATIO_TARGET
 from benchmarks.twins import ReferenceSwitchableNorm2d
 
-__all__ = ["MAX_ABS_DIFF", "RATIO_TARGET", "ReferenceSwitchableNorm2d", "main"]
+__all__ = ["MAX_ABS_DIFF", "MODE_TARGETS", "RATIO_TARGET", "ReferenceSwitchableNorm2d", "main"]

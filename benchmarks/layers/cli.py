@@ -19,7 +19,7 @@ import torch
 from benchmarks.cases import LayerCase, layer_cases
 from benchmarks.layers.compare import MODES
 from benchmarks.layers.report import format_table, metadata, write_json
-from benchmarks.layers.rows import RATIO_TARGET, bench_rows, rounded
+from benchmarks.layers.rows import MODE_TARGETS, RATIO_TARGET, bench_rows, rounded
 from benchmarks.options import layer_parser, parse
 from benchmarks.timing import (
     Step,
@@ -184,5 +184,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print("\ncuda:\n" + format_table(cuda["rows"]))
     slow = [f"{r['layer']} {r['mode']}" for r in rows if r["ok"] is False]
     print(f"\n{len(rows)} rows, {len(slow)} over ratio {RATIO_TARGET} or invalid: {slow or 'none'}")
+    missed = [f"{r['layer']} {r['mode']}" for r in rows if r["target_met"] is False]
+    targets = ", ".join(f"{mode} <= {t:g}" for mode, t in MODE_TARGETS.items())
+    print(f"{len(missed)} rows miss their mode's target ({targets}): {missed or 'none'}")
     print(f"wrote {args.out}")
     return report

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from benchmarks.layers.compare import MAX_ABS_DIFF
-from benchmarks.layers.rows import RATIO_TARGET
+from benchmarks.layers.rows import MODE_TARGETS, RATIO_TARGET
 from benchmarks.report import environment, write_report
 from benchmarks.timing import TimingPlan
 
@@ -40,6 +40,7 @@ def metadata(args: argparse.Namespace, cpu_plan: TimingPlan) -> dict[str, Any]:
         ),
         "ratio": "normport_ms / twin_ms",
         "ratio_target": RATIO_TARGET,
+        "mode_targets": {"device": "cpu", **MODE_TARGETS},
         "max_abs_diff_limit": MAX_ABS_DIFF,
         "modes": {
             "eval": "module.eval(), forward under torch.no_grad()",
@@ -62,6 +63,11 @@ def _flag(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "NO")
 
 
+def _target(target: float | None, met: bool | None) -> str:
+    """``<= 1.2 yes``: the mode's target and whether the row meets it; ``-`` where none."""
+    return "-" if target is None else f"<= {target:g} {_flag(met)}"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as an aligned text table."""
     header = [
@@ -73,6 +79,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         "twin ms",
         "ratio",
         "ok",
+        "target",
         "max|diff|",
         "valid",
     ]
@@ -86,6 +93,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             _num(row["twin_ms"], ".3f"),
             _num(row["ratio"], ".2f"),
             _flag(row["ok"]),
+            _target(row.get("target"), row.get("target_met")),
             _num(row["max_abs_diff"], ".1e"),
             _flag(row["valid"]),
         ]
