@@ -4,7 +4,9 @@
   threads, and one benchmarked side (graph summary, agreement with eager, timed step);
 * :func:`export_twin`: ``torch.onnx.export(..., dynamo=True)`` with its chatter silenced;
 * :func:`graph_summary` / :func:`ort_optimized_ops`: which ops a file contains, before and
-  after onnxruntime's graph optimizations;
+  after onnxruntime's graph optimizations; :func:`same_graph`: whether two exports differ in
+  anything but their metadata (the two targets' files of a layer whose form does not depend
+  on the target); :func:`recorded_choice`: the form table's row behind a layer's export;
 * :func:`transpose_bn_transpose`: the hand-built alternative to SequenceBatchNorm's folded
   ``X * scale + shift`` eval lowering;
 * ``format_*_table``: the aligned text tables printed to stdout.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import tempfile
 import time
@@ -31,12 +34,14 @@ from torch import Tensor, nn
 
 from benchmarks.timing import Step
 from normport.export._opset import default_opset
+from normport.export.lowerings._choices import ANY, CHOICES, Choice
 
 __all__ = [
     "eager_step",
     "export_twin",
     "format_fold_table",
     "format_layer_table",
+    "format_target_table",
     "format_zoo_table",
     "graph_summary",
     "max_abs_diff",
@@ -46,6 +51,8 @@ __all__ = [
     "ort_side",
     "ort_step",
     "outputs",
+    "recorded_choice",
+    "same_graph",
     "seconds",
     "transpose_bn_transpose",
 ]
@@ -109,6 +116,31 @@ def ort_optimized_ops(model: onnx.ModelProto, threads: int) -> list[str] | None:
         except Exception:  # best effort: the summary is informative, not essential
             return None
     return [_op_name(node) for node in optimized.graph.node]
+
+
+def same_graph(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """Whether ``a`` and ``b`` hold the same graph, functions and opsets (metadata aside)."""
+
+    def body(model: onnx.ModelProto) -> bytes:
+        stripped = onnx.ModelProto()
+        stripped.CopyFrom(model)
+        stripped.ClearField("metadata_props")
+        return stripped.SerializeToString(deterministic=True)
+
+    return body(a) == body(b)
+
+
+def recorded_choice(model: onnx.ModelProto, opset: int) -> Choice | None:
+    """The form table's row (:mod:`export.lowerings._choices`) for the one normalization layer
+    of a layer case's export at ``opset``; None where the table has none (a function-only
+    layer such as SwitchableNorm)."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    (layer,) = json.loads(meta["normalization_layers"])
+    stats = "update" if layer["updates_running_stats"] else layer["statistics"]
+    for row in CHOICES:
+        if row.kind == layer["kind"] and row.statistics in (ANY, stats) and opset in row.opsets:
+            return row
+    return None
 
 
 @contextlib.contextmanager
@@ -317,6 +349,38 @@ def format_layer_table(rows: list[dict[str, Any]]) -> str:
             ]
         )
     return _table(header, body, left=2)
+
+
+def _target_cell(target: dict[str, Any]) -> str:
+    ratio = "-" if target["ratio"] is None else f"{target['ratio']:.2f}"
+    met = {None: "n/a", True: "met", False: "NOT met"}[target["met"]]
+    return f"{ratio} <= {target['limit']:.2f} {met}"
+
+
+def format_target_table(rows: list[dict[str, Any]]) -> str:
+    """Per row: the onnxruntime target's file against the standard target's and torch.onnx's,
+    each ratio with its limit and whether it is met, and the form table's recorded ratio.
+    "same kernels": onnxruntime runs the same ops for both files after its optimizations, so
+    the ratio is machine noise around 1."""
+    header = ["layer", "opset", "onnxruntime-target ops", "standard ms", "vs standard"]
+    header += ["table", "vs torch.onnx", "met"]
+    body = []
+    for row in rows:
+        targets = {t["name"]: t for t in row["targets"]}
+        standard = row.get("standard_ort")
+        body.append(
+            [
+                row["layer"],
+                str(row["opset"]),
+                _ops(row["normport_ort"]),
+                "same graph" if standard is None else _num(standard["ms"], ".3f"),
+                _target_cell(targets["vs_standard"]),
+                _num(row["recorded_ratio"], ".2f"),
+                _target_cell(targets["vs_twin"]) + (" (same kernels)" * bool(row["same_kernels"])),
+                _flag(row["met"]),
+            ]
+        )
+    return _table(header, body, left=3)
 
 
 def format_fold_table(rows: list[dict[str, Any]]) -> str:

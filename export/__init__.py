@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 # name -> the module that defines it ("" : the name is a submodule).
 _LAZY = {
     "DEFAULT_OPSET": "api",
+    "DEFAULT_TARGET": "api",
     "MAX_OPSET": "api",
     "MIN_OPSET": "api",
+    "TARGETS": "api",
     "OpsetError": "_opset",
     "default_opset": "_opset",
     "batch_mates": "",
@@ -33,8 +35,10 @@ _LAZY = {
 
 __all__ = [
     "DEFAULT_OPSET",
+    "DEFAULT_TARGET",
     "MAX_OPSET",
     "MIN_OPSET",
+    "TARGETS",
     "OpsetError",
     "batch_mates",
     "default_opset",
@@ -50,8 +54,10 @@ if TYPE_CHECKING:
     from normport.export._save import save
     from normport.export.api import (
         DEFAULT_OPSET,
+        DEFAULT_TARGET,
         MAX_OPSET,
         MIN_OPSET,
+        TARGETS,
         to_onnx,
         to_onnx_opsets,
     )

@@ -6,11 +6,16 @@
     python -m export --module PKG.MOD:FACTORY --name NAME [options]
 
     options: [--mode eval|train] [--opset N] [--dtype float32|float16|bfloat16] [--out DIR]
-             [--max-batch-size N] [--inline]
+             [--max-batch-size N] [--inline] [--target onnxruntime|standard]
 
 Writes ``<out>/<name>/config.pbtxt`` and ``<out>/<name>/1/model.onnx`` per network (see
 :mod:`export.repository`), progress on stderr (``[i/N] name: exporting ...``, then the result
 line) and a summary table on stdout.
+
+``--target`` picks, where a layer has several exact forms, the one for ``onnxruntime`` (the
+default: the fastest measured under its CPU provider, e.g. GroupNorm as ``normport.GroupNorm``)
+or ``standard`` (the standard op wherever the opset has one); the table with its measurements
+is :mod:`export.lowerings._choices`.
 
 Names: a zoo network keeps its name in eval mode and gets ``<name>_train`` in train mode, so
 that a train export never replaces the eval model that is served; ``--name`` is used as given,
@@ -69,7 +74,7 @@ from normport.export._layers_table import (
     norm_ops,
 )
 from normport.export._preflight import mode_problem, out_problem
-from normport.export.api import MODES
+from normport.export.api import DEFAULT_TARGET, MODES, TARGETS
 from normport.export.repository import MODEL_NAME, VERSION, write_model
 from normport.models import zoo
 
@@ -97,6 +102,7 @@ examples:
   python -m export --all                            every zoo network, eval, into model_repository/
   python -m export --model cnn_bn --mode train      writes model_repository/cnn_bn_train/
   python -m export --model seq_bn --opset 17 --dtype float16 --out /tmp/repo
+  python -m export --all --target standard          standard ops: GroupNormalization at opset >= 21
   python -m export --module mypkg.nets:make --name mynet --max-batch-size 8
 
 names: zoo networks keep their name in eval mode and get '<name>_train' in train mode; --name
@@ -169,6 +175,14 @@ def _parser() -> argparse.ArgumentParser:
         "full shapes and no batching (train graphs: always 0)",
     )
     parser.add_argument("--inline", action="store_true", help="inline the ONNX functions")
+    parser.add_argument(
+        "--target",
+        metavar="{" + ",".join(TARGETS) + "}",  # checked in _check: one line, exit 2
+        default=DEFAULT_TARGET,
+        help="where a layer has several exact forms: onnxruntime, the fastest measured under "
+        "onnxruntime's CPU provider (e.g. GroupNorm as the function normport.GroupNorm); "
+        "standard, the standard op wherever the opset has one",
+    )
     return parser
 
 
@@ -188,6 +202,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             f"--name {args.name!r} is not a Triton model name: 1-128 letters, digits, '_', '.' "
             "or '-', not starting with '.' or '-'"
         )
+    elif args.target not in TARGETS:
+        problem = f"--target {args.target!r} is not a target: choose from {', '.join(TARGETS)}"
     elif not export.MIN_OPSET <= args.opset <= export.MAX_OPSET:
         problem = f"--opset must be in [{export.MIN_OPSET}, {export.MAX_OPSET}], got {args.opset}"
     elif args.max_batch_size is not None and args.max_batch_size < 0:
@@ -288,6 +304,7 @@ def _export_one(zoo_name: str, name: str, args: argparse.Namespace) -> _Row:
         inline=args.inline,
         input_names=spec.input_names,
         output_names=spec.output_names,
+        target=args.target,
     )
     return _write(name, model, args, start, batching)
 
@@ -304,6 +321,7 @@ def _export_module(made: factory.Made, name: str, args: argparse.Namespace) -> t
         opset=args.opset,
         dtype=DTYPES[args.dtype],
         inline=args.inline,
+        target=args.target,
     )
     layers = layer_table(model)  # before writing: a model that breaks the contract is not kept
     return _write(name, model, args, start, batching), layers

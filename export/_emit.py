@@ -16,9 +16,25 @@ from onnx import TensorProto, helper, numpy_helper
 
 from normport.export._names import fresh
 
-__all__ = ["FUNCTION_DOMAIN", "Emitter", "Inputs"]
+__all__ = ["DEFAULT_TARGET", "FUNCTION_DOMAIN", "TARGETS", "Emitter", "Inputs", "check_target"]
 
 FUNCTION_DOMAIN = "normport"
+
+TARGETS = ("onnxruntime", "standard")
+"""What the exported forms are chosen for (the table: :mod:`export.lowerings._choices`):
+``"onnxruntime"``, the fastest exact form under onnxruntime's CPU provider as measured;
+``"standard"``, the standard op wherever the opset has one."""
+
+DEFAULT_TARGET = "onnxruntime"
+
+
+def check_target(target: object) -> str:
+    """``target`` if it is one of :data:`TARGETS`, else a ``ValueError`` naming it."""
+    if not isinstance(target, str) or target not in TARGETS:
+        raise ValueError(
+            f"unknown export target {target!r}: expected one of {', '.join(map(repr, TARGETS))}"
+        )
+    return target
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,10 @@ class Emitter:
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     initializers: list[onnx.TensorProto] = field(default_factory=list)
     functions: dict[str, onnx.FunctionProto] = field(default_factory=dict)
+    target: str = DEFAULT_TARGET  # which form of each layer (export.lowerings._choices)
+
+    def __post_init__(self) -> None:
+        check_target(self.target)
 
     @property
     def compute_type(self) -> int:

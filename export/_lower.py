@@ -9,7 +9,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper
 
-from normport.export._emit import FUNCTION_DOMAIN, Emitter, Inputs
+from normport.export._emit import DEFAULT_TARGET, FUNCTION_DOMAIN, Emitter, Inputs
 from normport.export._placeholder import DOMAIN, TENSOR_NAMES, LayerSpec
 from normport.export.lowerings import lowering_for
 from normport.export.train_graph import state_names
@@ -34,8 +34,11 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def lower(model: onnx.ModelProto, opset: int, elem_type: int) -> list[tuple[LayerSpec, str]]:
-    """Lower all placeholders of ``model`` in place.
+def lower(
+    model: onnx.ModelProto, opset: int, elem_type: int, *, target: str = DEFAULT_TARGET
+) -> list[tuple[LayerSpec, str]]:
+    """Lower all placeholders of ``model`` in place, each layer in the form the form table
+    gives ``target`` (:mod:`export.lowerings._choices`).
 
     Returns, per lowered layer, its spec and the node its output comes from: the standard op
     (``BatchNormalization``), ``normport.<function>``, or ``Mul+Add`` for a folded form.
@@ -47,6 +50,7 @@ def lower(model: onnx.ModelProto, opset: int, elem_type: int) -> list[tuple[Laye
         elem_type,
         taken=_all_names(graph),
         initializer_values={name: numpy_helper.to_array(t) for name, t in initializers.items()},
+        target=target,
     )
     nodes: list[onnx.NodeProto] = []
     specs: list[LayerSpec] = []

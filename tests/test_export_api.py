@@ -127,6 +127,12 @@ ERRORS = [
         r"layer 'bn' \(BatchNorm1d\) is called more than once in one forward",
     ),
     (
+        "target",
+        lambda: export.to_onnx(_net(), X, mode="eval", target="tensorrt"),
+        ValueError,
+        r"unknown export target 'tensorrt': expected one of 'onnxruntime', 'standard'",
+    ),
+    (
         "dynamic_unknown_input",
         lambda: export.to_onnx(_net(), X, mode="eval", dynamic={"image": {0: "batch"}}),
         ValueError,
@@ -174,19 +180,29 @@ def test_metadata_and_node_names():
     model = export.to_onnx(net, X, mode="eval", opset=21)
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["mode"] == "eval" and meta["opset"] == "21" and meta["dtype"] == "torch.float32"
+    assert meta["target"] == "onnxruntime"
     assert meta["source_class"] == "torch.nn.modules.container.Sequential"
     assert meta["torch_version"] == torch.__version__ and meta["onnx_version"] == onnx.__version__
     assert re.fullmatch(r"[0-9a-f]{64}", meta["weights_sha256"])
+    # GroupNorm: the onnxruntime target's function even where GroupNormalization-21 exists
     assert [(e["path"], e["cls"], e["node"]) for e in json.loads(meta["normalization_layers"])] == [
         ("1", "BatchNorm2d", "BatchNormalization"),
-        ("3", "GroupNorm", "GroupNormalization"),
+        ("3", "GroupNorm", "normport.GroupNorm"),
     ]
     assert [n.name for n in model.graph.node] == [
         "0/Conv",
         "1/BatchNormalization",
         "2/Relu",
+        "3/GroupNorm",
+    ]
+    standard = export.to_onnx(net, X, mode="eval", opset=21, target="standard")
+    assert [n.name for n in standard.graph.node] == [
+        "0/Conv",
+        "1/BatchNormalization",
+        "2/Relu",
         "3/GroupNormalization",
     ]
+    assert {p.key: p.value for p in standard.metadata_props}["target"] == "standard"
     changed = copy.deepcopy(net)
     with torch.no_grad():
         changed[1].running_var[0] += 1.0

@@ -122,6 +122,16 @@ class PartlyNet(nn.Module):
 def make_partly():
     torch.manual_seed(0)
     return PartlyNet().eval(), torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
+
+
+def make_gn():
+    """Conv -> torch.nn GroupNorm: a layer whose form depends on --target."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4))
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+    return net.eval(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 '''
 
 THIRDPARTY_NETS = """
@@ -328,6 +338,43 @@ def test_max_batch_size_0_writes_full_shapes(
     assert capsys.readouterr().out.strip().splitlines()[-1].split()[-1] == "ok"
 
 
+@pytest.mark.parametrize(
+    ("argv", "target", "op"),
+    [
+        ([], "onnxruntime", "normport.GroupNorm"),  # the default: 0.31x the standard op there
+        (["--target", "standard"], "standard", "GroupNormalization"),
+    ],
+    ids=["default", "standard"],
+)
+def test_target_picks_the_groupnorm_form(
+    nets_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    target: str,
+    op: str,
+) -> None:
+    monkeypatch.syspath_prepend(str(nets_dir))
+    common = ["--module", "usernets:make_gn", "--name", "gn", "--out", str(tmp_path)]
+    assert main([*common, *argv]) == 0
+    out = capsys.readouterr().out
+    assert table_rows(out, "normalization layers: 1") == [
+        ["1", "GroupNorm", "groupnorm", "module", op]
+    ]
+    summary = out.strip().splitlines()[-1].split()
+    assert summary[:4] == ["gn", "eval", "23", "float32"] and summary[5] == op.split(".")[-1]
+    path = tmp_path / "gn" / "1" / "model.onnx"
+    model = onnx.load(path)
+    assert {p.key: p.value for p in model.metadata_props}["target"] == target
+    net, _ = load_nets(nets_dir, "usernets").make_gn()
+    image = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = net(image).numpy()
+    got = ort_run(path, {"input": image.numpy()})
+    np.testing.assert_allclose(got["output"], expected, rtol=1e-4, atol=1e-5)
+
+
 # -- usage errors: exit 2, one line, no traceback, nothing written -----------------------------
 
 
@@ -400,6 +447,10 @@ USAGE_ERRORS = {
     "out_under_a_file": (
         ["--module", "usernets:make", "--name", "n", "--out", "{file}/repo"],
         r"--out '{file}/repo': '{file}' is a file, expected a folder",
+    ),
+    "unknown_target": (
+        ["--module", "usernets:make", "--name", "n", "--target", "tensorrt"],
+        r"--target 'tensorrt' is not a target: choose from onnxruntime, standard$",
     ),
     "zoo_out_is_a_file": (
         ["--model", "seq_bn", "--out", "{file}"],
@@ -479,6 +530,8 @@ def test_help_shows_the_defaults(nets_dir: Path) -> None:
         "(default: 23)",
         "(default: float32)",
         "(default: model_repository)",
+        "--target {onnxruntime,standard}",
+        "(default: onnxruntime)",
     ):
         assert shown in text
     assert "(default: None)" not in text and "(default: False)" not in text

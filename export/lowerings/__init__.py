@@ -1,6 +1,9 @@
 """The registry of lowerings: one entry per layer kind, each stating what it emits per opset.
 
-Adding a layer touches one place: a module here that calls :func:`register`.
+Adding a layer touches one place: a module here that calls :func:`register`.  Where a layer
+has several exact forms (the standard op, a function, a folded form), its lowering emits the
+one :func:`export.lowerings._choices.choose` reads from the form table for the opset and the
+export's target; such a layer also adds its rows, with their measurements, to that table.
 """
 
 from __future__ import annotations

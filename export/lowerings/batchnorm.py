@@ -2,7 +2,9 @@
 
 - eval (running statistics): ``BatchNormalization`` (every opset 13-28).  SequenceBatchNorm's
   channel-last ``(N, L, C)`` input gets the folded per-channel form ``X * s + t`` instead of
-  ``Transpose -> BatchNormalization -> Transpose`` (faster: see ``make bench``, export.json).
+  ``Transpose -> BatchNormalization -> Transpose``.  Both are the form table's choices
+  (:mod:`export.lowerings._choices`, with the measurements: the folded form is slower than
+  one BatchNormalization on ``(N, C, *)``, faster than the transposes on ``(N, L, C)``).
 - batch statistics (training, or ``track_running_stats=False``): the function
   ``normport.BatchNormTrain`` (updating running statistics) or ``normport.BatchNormBatchStats``;
   with eps outside the root (hand-written, ``eps_in_root=False``): ``normport.NormalizeStdPlusEps``.
@@ -26,6 +28,7 @@ from normport.export.lowerings import (
     register,
 )
 from normport.export.lowerings._body import Body, define
+from normport.export.lowerings._choices import Form, choose
 from normport.export.lowerings.eps_outside import lower_eps_outside
 from normport.export.train_graph import TrainFunction
 
@@ -109,6 +112,7 @@ def _lower_per_channel(
 @register("batchnorm", eps_outside_root=True)
 def lower_batchnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
     if not _lower_per_channel(em, spec, ins, outs, Layout.channels_first(spec)):
+        choose(em, spec, (Form.OP,))
         batch_normalization(em, spec, ins, outs)
 
 
@@ -118,6 +122,7 @@ def lower_batchnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) 
 def lower_sequence_batchnorm(em: Emitter, spec: LayerSpec, ins: Inputs, outs: list[str]) -> None:
     if _lower_per_channel(em, spec, ins, outs, Layout.channels_last(spec)):
         return
+    choose(em, spec, (Form.FOLDED,))
     # Folded at export time from the exported running statistics: y = x * s + t.
     s, t = _folded(em, spec, ins)
     scaled = em.fresh(f"{spec.path}.scaled")

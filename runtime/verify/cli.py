@@ -9,8 +9,9 @@
 
 Default opsets: 13 (the minimum: every layer a function, reductions with ``axes`` attributes,
 the reference evaluator's BatchNormalization-9 workaround), 17 (LayerNormalization), 21
-(GroupNormalization-21) and 23 (RMSNormalization, the export default): every point at which
-a lowering changes form.
+(GroupNorm's standard-op opset, where the default ``onnxruntime`` target keeps the function)
+and 23 (RMSNormalization, the export default): every point at which a lowering may change
+form.
 
 Exit status: 0 when every parity cell passes or is skipped (a WARN verdict included); 1 when
 any cell fails (the export computes something else; the failing cells are printed and listed
