@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.layers --threads $(THREADS) --out reports/bench/layers.json
 	$(PY) -m benchmarks.export --threads $(THREADS) --out reports/bench/export.json
 	$(PY) -m benchmarks.serve --out reports/bench/serve.json
+	$(PY) -m benchmarks.kserve --out reports/bench/kserve.json
 	$(PY) -m benchmarks.soak --threads $(THREADS) --out reports/bench/soak.json
 	$(PY) -m benchmarks.export_time --out reports/bench/export_time.json
 	$(PY) -m benchmarks.startup --out reports/bench/startup.json

@@ -27,6 +27,25 @@ _WBITS = {"gzip": (31,), "x-gzip": (31,), "deflate": (15, -15)}
 _MAX_DIGITS = 18  # every length of up to 18 digits fits an int64; more exceeds any body
 
 
+_FRAMING = (b"content-length", b"content-encoding", HEADER_LENGTH.encode())
+_SCOPE_KEY = "normport.framing"
+
+
+def _framing(request: Request) -> dict[bytes, str]:
+    """The headers that frame the body, read in one pass over the raw headers (the first of
+    each name, as Starlette's ``Headers.get``) and kept in the request's scope: each request
+    asks for them five times, and a ``Headers.get`` scans every header."""
+    scope = request.scope
+    found = scope.get(_SCOPE_KEY)
+    if found is None:
+        found = {}
+        for name, value in scope["headers"]:
+            if name in _FRAMING and name not in found:
+                found[name] = value.decode("latin-1")
+        scope[_SCOPE_KEY] = found
+    return found
+
+
 def _too_large(limit: int, what: str) -> PayloadTooLarge:
     return PayloadTooLarge(f"request body {what} is over the limit of {limit} bytes")
 
@@ -38,7 +57,8 @@ async def read_body(request: Request, limit: int) -> bytes:
         PayloadTooLarge: the body, or its decompressed form, is over ``limit`` bytes.
         BadRequest: an unsupported ``Content-Encoding`` or a corrupt compressed body.
     """
-    declared = _digits(request.headers.get("content-length"))
+    framing = _framing(request)
+    declared = _digits(framing.get(b"content-length"))
     if declared is not None and (len(declared) > _MAX_DIGITS or int(declared) > limit):
         shown = declared if len(declared) <= _MAX_DIGITS else f"a {len(declared)}-digit number of"
         raise _too_large(limit, f"({shown} bytes)")
@@ -49,7 +69,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise _too_large(limit, f"(more than {limit} bytes)")
         chunks.append(chunk)
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    encoding = framing.get(b"content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in _WBITS:
@@ -77,8 +97,9 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
 def expected_size(request: Request, limit: int) -> int:
     """The body size to expect before reading it: ``Content-Length`` when it is valid and within
     ``limit``, else ``limit`` (chunked, absent, compressed: up to ``limit`` once decoded)."""
-    declared = _digits(request.headers.get("content-length"))
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    framing = _framing(request)
+    declared = _digits(framing.get(b"content-length"))
+    encoding = framing.get(b"content-encoding", "identity").strip().lower()
     if declared is None or len(declared) > _MAX_DIGITS or encoding not in ("", "identity"):
         return limit
     return min(int(declared), limit)
@@ -102,7 +123,7 @@ def header_length(request: Request) -> int | None:
         BadRequest: present but not a non-negative integer, or more than 18 digits long (over
             any body); the message names the model of the request's path.
     """
-    value = request.headers.get(HEADER_LENGTH)
+    value = _framing(request).get(HEADER_LENGTH.encode())
     if value is None:
         return None
     digits = _digits(value)

@@ -90,28 +90,29 @@ def decode_request(spec: ModelSpec, body: bytes, header_length: int | None) -> I
 
     ``header_length`` is ``Inference-Header-Content-Length`` (None: the whole body is JSON).
     """
+    where = _where(spec)
     if header_length is None:
         header_length = len(body)
     elif not 0 < header_length <= len(body):
         raise BadRequest(
-            f"{_where(spec)}: Inference-Header-Content-Length {header_length} is not in "
+            f"{where}: Inference-Header-Content-Length {header_length} is not in "
             f"[1, {len(body)}] (the body size); raw binary requests are not supported"
         )
     try:
         doc = orjson.loads(memoryview(body)[:header_length])
     except orjson.JSONDecodeError as e:
-        raise BadRequest(f"{_where(spec)}: malformed request JSON: {e}") from None
+        raise BadRequest(f"{where}: malformed request JSON: {e}") from None
     if not isinstance(doc, dict):
-        raise BadRequest(f"{_where(spec)}: the request must be a JSON object")
+        raise BadRequest(f"{where}: the request must be a JSON object")
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise BadRequest(f"{_where(spec)}: 'id' must be a string")
-    params = _parameters(doc, _where(spec))
-    _refuse_unsupported(params, _UNSUPPORTED_REQUEST, _where(spec))
-    binary_default = _flag(params, "binary_data_output", False, _where(spec))
+        raise BadRequest(f"{where}: 'id' must be a string")
+    params = _parameters(doc, where)
+    _refuse_unsupported(params, _UNSUPPORTED_REQUEST, where)
+    binary_default = _flag(params, "binary_data_output", False, where)
     entries = doc.get("inputs")
     if not isinstance(entries, list) or not entries:
-        raise BadRequest(f"{_where(spec)}: 'inputs' must be a non-empty list")
+        raise BadRequest(f"{where}: 'inputs' must be a non-empty list")
     inputs = _decode_inputs(spec, entries, memoryview(body)[header_length:])
     batch_size = _batch_size(spec, inputs)
     arrays = {name: _graph_facing(spec.inputs, name, a) for name, a in inputs.items()}

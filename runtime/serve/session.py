@@ -78,6 +78,9 @@ class Session:
             os.fspath(path), options, providers=list(providers or choose_providers())
         )
         self.providers: list[str] = self._session.get_providers()
+        # One intra-op thread: onnxruntime computes in the calling thread, so that thread's CPU
+        # time is what a run costs (runtime.serve.batcher measures it so).
+        self.single_threaded = threads == 1
         self.output_names: list[str] = [o.name for o in self._session.get_outputs()]
         self._check(spec)
         self._bf16_inputs = frozenset(t.name for t in spec.inputs if t.datatype.name == "BF16")

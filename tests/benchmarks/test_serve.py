@@ -37,8 +37,21 @@ def test_bench_quick(repo_root: Path, tmp_path: Path) -> None:
     for row in report["rows"]:
         assert row["errors"] == 0 and row["requests"] > 0, row
         assert row["p50_ms"] <= row["p99_ms"]
-    assert report["inprocess_batch1"]["seq_bn"]["p50_ms"] > 0
-    assert set(report["targets"]) == {
-        "seq_bn_binary_c1_overhead_p50_ms_batching_on",
-        "seq_bn_binary_c1_overhead_p50_ms_batching_off",
+        assert row["repeats"] == 1
+    assert set(report["batching_ratios"]) == {
+        f"seq_bn/{p}/{c}" for p in ("json", "binary") for c in bench.QUICK_CONCURRENCY
     }
+    baseline = report["inprocess_batch1"]["seq_bn"]
+    assert baseline["p50_ms"] > 0 and baseline["gain_at_16"] > 0
+    assert set(report["targets"]) == {
+        *(f"seq_bn_{p}_c16_batched_vs_unbatched" for p in ("json", "binary")),
+        *(
+            f"seq_bn_{p}_c1_batching_{mode}_p50_overhead_ms"
+            for p in ("json", "binary")
+            for mode in ("on", "off")
+        ),
+    }
+    for target in report["targets"].values():
+        assert set(target) == {"value", "target", "met"}
+    text = bench.format_report(report)
+    assert "batched / unbatched throughput" in text and "targets:" in text

@@ -1,16 +1,22 @@
 """The dynamic batcher on its own, with a fake session: what runs together, what is split
-back to whom, when a batch is dispatched, and that one bad request fails alone."""
+back to whom, when a batch is dispatched, and that one bad request fails alone.
+
+The merging mechanics run under :class:`AlwaysMerge` (Triton's rule); how the learned limit
+bounds merging and waiting is tested with a policy that states its limit
+(:mod:`tests.serve.test_merge_policy` tests the learning itself)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from normport.runtime.serve.batcher import Batcher, Execution
 from normport.runtime.serve.errors import BadRequest, InferenceFailed, ModelUnavailable
+from normport.runtime.serve.merge_policy import AlwaysMerge, LearnedMerge, MergePolicy
 from normport.runtime.serve.spec import Batching
 
 
@@ -40,10 +46,13 @@ def batcher(
     batching: Batching | None,
     max_batch_size: int = 8,
     max_batch_bytes: int | None = None,
+    policy: MergePolicy | None = None,
 ) -> Batcher:
     executions: list[Execution] = []
+    policy = policy or AlwaysMerge(max_batch_size)
     b = Batcher(session, "fake:1", max_batch_size=max_batch_size, batching=batching,
-                on_execution=executions.append, max_batch_bytes=max_batch_bytes)  # fmt: skip
+                on_execution=executions.append, max_batch_bytes=max_batch_bytes,
+                policy=policy)  # fmt: skip
     b.executions = executions  # type: ignore[attr-defined]
     return b
 
@@ -198,3 +207,141 @@ def test_a_large_run_gives_its_memory_back(run_bytes: int, shrink: bool) -> None
     b = batcher(session, None)
     asyncio.run(b.infer(request(1), 1, run_bytes))
     assert session.shrinks == [shrink]
+
+
+class Limit:
+    """A policy with a stated limit, recording the costs it is told."""
+
+    def __init__(self, limit: int) -> None:
+        self.value = limit
+        self.observed: list[tuple[int, float]] = []
+
+    def limit(self, key) -> int:
+        return self.value
+
+    def plan(self, key, queued: int) -> int:
+        return self.value
+
+    def observe(self, key, samples: int, seconds: float) -> None:
+        self.observed.append((samples, seconds))
+
+    def should_wait(self, key) -> bool:
+        return True
+
+    def waited(self, key, joined: bool) -> None:
+        pass
+
+
+def test_a_run_takes_no_more_than_the_policy_s_limit() -> None:
+    session = FakeSession()
+    policy = Limit(3)
+    b = batcher(session, SLOW, policy=policy)
+    requests = [request(i) for i in range(8)]
+    results = asyncio.run(queue_behind_first(b, session, requests))
+    assert session.batches == [1, 3, 3, 1]
+    for r, result in zip(requests, results, strict=True):
+        assert np.array_equal(result.outputs["y"], r["x"] * 2)
+    assert [samples for samples, _ in policy.observed] == session.batches
+    assert all(seconds > 0 for _, seconds in policy.observed)
+
+
+def test_at_limit_one_nothing_waits_and_nothing_merges() -> None:
+    """Merging measured not to pay: a 5 s queue delay and a preferred size of 8 are not waited
+    for, and each request runs alone, as without dynamic batching."""
+    session = FakeSession()
+    session.gate.set()
+    b = batcher(session, Batching((8,), max_queue_delay_s=5.0), policy=Limit(1))
+
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.gather(*(b.infer(request(i), 1) for i in range(4)))
+        return loop.time() - start
+
+    assert asyncio.run(run()) < 2.0
+    assert session.batches == [1, 1, 1, 1]
+
+
+def test_waiting_ends_when_the_queue_reaches_the_limit() -> None:
+    session = FakeSession()
+    session.gate.set()
+    b = batcher(session, Batching((8,), max_queue_delay_s=5.0), policy=Limit(4))
+
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.gather(*(b.infer(request(i), 1) for i in range(4)))
+        return loop.time() - start
+
+    assert asyncio.run(run()) < 2.0  # 4 is no preferred size, but the most worth merging
+    assert session.batches == [4]
+
+
+class Timed(FakeSession):
+    """A run of ``n`` samples sleeps ``per_run + per_sample * n**2`` seconds (so it is
+    measured): with ``per_sample`` 0, merging pays; with ``per_run`` 0, a sample costs ``n``
+    times more in a run of ``n`` (a cache-bound model past its knee)."""
+
+    def __init__(self, per_run: float, per_sample: float) -> None:
+        super().__init__()
+        self.gate.set()
+        self.per_run, self.per_sample = per_run, per_sample
+
+    def run(self, feeds, *, shrink=False):
+        time.sleep(self.per_run + self.per_sample * len(feeds["x"]) ** 2)
+        return super().run(feeds, shrink=shrink)
+
+
+@pytest.mark.parametrize(
+    ("per_run", "per_sample", "merges"),
+    [(0.004, 0.0, True), (0.0, 0.002, False)],
+    ids=["fixed_cost_per_run", "cost_per_sample_grows_with_the_batch"],
+)
+def test_the_learned_limit_follows_what_runs_cost(
+    per_run: float, per_sample: float, merges: bool
+) -> None:
+    """Eight clients in a closed loop: merging is learned when runs cost the same whatever
+    their size, and not when merged samples cost more than lone ones."""
+    session = Timed(per_run, per_sample)
+    b = batcher(session, Batching((), max_queue_delay_s=0.001), policy=LearnedMerge(8))
+
+    async def client(i: int) -> None:
+        for k in range(12):
+            result = await b.infer(request(10 * i + k), 1)
+            assert np.array_equal(result.outputs["y"], request(10 * i + k)["x"] * 2)
+
+    async def run() -> None:
+        await asyncio.gather(*(client(i) for i in range(8)))
+
+    asyncio.run(run())
+    (limit,) = b.limits().values()
+    if merges:
+        assert limit > 1 and len(session.batches) < 96 / 2
+    else:
+        assert limit == 1 and sum(n > 1 for n in session.batches) < len(session.batches) / 4
+
+
+def test_a_failing_policy_fails_the_queued_requests_then_serving_goes_on() -> None:
+    """A bug while picking a batch answers every queued request (500) instead of leaving
+    them waiting forever, and the next requests are served."""
+
+    class Broken(Limit):
+        def limit(self, key) -> int:
+            if not self.observed:
+                raise RuntimeError("policy bug")
+            return 8
+
+    session = FakeSession()
+    session.gate.set()
+    b = batcher(session, Batching((), max_queue_delay_s=0.0), policy=Broken(8))
+    b.policy.observed.append((0, 0.0))  # type: ignore[attr-defined]  # healthy from the start
+
+    async def run() -> None:
+        b.policy.observed.clear()  # type: ignore[attr-defined]  # now broken
+        with pytest.raises(InferenceFailed, match="model 'fake:1' failed to run: policy bug"):
+            await b.infer(request(1), 1)
+        b.policy.observed.append((0, 0.0))  # type: ignore[attr-defined]  # mended
+        result = await b.infer(request(2), 1)
+        assert np.array_equal(result.outputs["y"], request(2)["x"] * 2)
+
+    asyncio.run(asyncio.wait_for(run(), 10))
