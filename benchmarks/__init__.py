@@ -3,6 +3,7 @@
 - ``python -m benchmarks.layers``: normport layers vs torch.nn, eager;
 - ``python -m benchmarks.export``: onnxruntime on normport's export vs torch.onnx's;
 - ``python -m benchmarks.serve``: the service vs in-process onnxruntime;
+- ``python -m benchmarks.kserve``: the service vs KServe's Python model server, side by side;
 - ``python -m benchmarks.soak``: a minute of mixed load with every answer checked;
 - ``python -m benchmarks.export_time``: ``export.to_onnx`` vs ``torch.onnx.export``;
 - ``python -m benchmarks.startup``: server start to ready and idle RSS (cold and cached).

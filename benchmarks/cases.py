@@ -105,8 +105,8 @@ class ServedCase:
 
     Attributes:
         network: the zoo name (also the model's name in the repository).
-        sample_shape: one request's input, one float32 sample: the zoo's default dims, batch
-            axis left out (the input and output names are read off the served file).
+        sample_shape: one request's input, one sample: the zoo's default dims, batch axis
+            left out (its dtype and the input and output names are read off the served file).
     """
 
     network: str
