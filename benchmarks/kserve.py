@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -213,6 +212,8 @@ def _started(
     command: list[str], models: Sequence[str], port: int, cpus: set[int] | None, **popen: Any
 ) -> Iterator[tuple[str, int, float]]:
     """Start a server; yields its URL, pid and the seconds until every model was ready."""
+    from benchmarks.servers import stop  # not at the top: KServe's side runs without normport
+
     start = time.perf_counter()
     process = subprocess.Popen(command, **popen)
     if cpus is not None:
@@ -226,12 +227,7 @@ def _started(
             time.sleep(0.02)
         yield url, process.pid, time.perf_counter() - start
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def _normport(

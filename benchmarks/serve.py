@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -57,6 +56,7 @@ import onnxruntime as ort
 from benchmarks.cases import SERVED, served_cases
 from benchmarks.loadgen import build_body, decode_output, pin, run, run_load
 from benchmarks.report import environment, write_report
+from benchmarks.servers import stop
 
 __all__ = ["CONCURRENCY", "TARGETS", "format_report", "main"]
 
@@ -166,12 +166,7 @@ def _server(
                 time.sleep(0.1)
         yield url, process.pid
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def _stats(url: str, model: str) -> dict[str, Any]:
