@@ -32,6 +32,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
+from benchmarks.report import verdict
 from benchmarks.timing import Step
 from normport.export._opset import default_opset
 from normport.export.lowerings._choices import ANY, CHOICES, Choice
@@ -353,8 +354,7 @@ def format_layer_table(rows: list[dict[str, Any]]) -> str:
 
 def _target_cell(target: dict[str, Any]) -> str:
     ratio = "-" if target["ratio"] is None else f"{target['ratio']:.2f}"
-    met = {None: "n/a", True: "met", False: "NOT met"}[target["met"]]
-    return f"{ratio} <= {target['limit']:.2f} {met}"
+    return f"{ratio} <= {target['limit']:.2f} {verdict(target['met'])}"
 
 
 def format_target_table(rows: list[dict[str, Any]]) -> str:

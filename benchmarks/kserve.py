@@ -452,14 +452,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_report(report: dict[str, Any]) -> str:
+    from benchmarks.report import verdict
+
     if report.get("skipped"):
         return f"KServe side by side skipped: {report['skipped']}"
     lines = [f"{'row':44s} {'normport':>10s} {'kserve':>10s} {'ratio':>6s}  target"]
     for row in report["rows"]:
-        verdict = "met" if row["met"] else "NOT met"
+        outcome = verdict(row["met"])
         lines.append(
             f"{row['row'] + ' (' + row['unit'] + ')':44s} {row['normport']:>10} "
-            f"{row['kserve']:>10} {row['ratio']!s:>6}  {row['target']}: {verdict}"
+            f"{row['kserve']:>10} {row['ratio']!s:>6}  {row['target']}: {outcome}"
         )
     met = sum(row["met"] for row in report["rows"])
     lines.append(

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["environment", "write_report"]
+__all__ = ["environment", "verdict", "write_report"]
 
 _PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "uvicorn", "starlette")
 
@@ -36,6 +36,11 @@ def environment() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+def verdict(met: bool | None) -> str:
+    """How every benchmark prints a target's outcome: ``met``, ``NOT met`` or ``n/a``."""
+    return "n/a" if met is None else ("met" if met else "NOT met")
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:

@@ -55,7 +55,7 @@ import onnxruntime as ort
 
 from benchmarks.cases import SERVED, served_cases
 from benchmarks.loadgen import build_body, decode_output, pin, run, run_load
-from benchmarks.report import environment, write_report
+from benchmarks.report import environment, verdict, write_report
 from benchmarks.servers import stop
 
 __all__ = ["CONCURRENCY", "TARGETS", "format_report", "main"]
@@ -487,8 +487,8 @@ def format_report(report: dict[str, Any]) -> str:
     met = sum(t["met"] for t in report["targets"].values())
     lines.append(f"targets: {met} of {len(report['targets'])} met")
     for key, t in report["targets"].items():
-        verdict = "met" if t["met"] else "NOT met"
-        lines.append(f"  {key}: {t['value']} (target {t['target']}): {verdict}")
+        outcome = verdict(t["met"])
+        lines.append(f"  {key}: {t['value']} (target {t['target']}): {outcome}")
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import environment, write_report
+from benchmarks.report import environment, verdict, write_report
 
 TARGETS = {"warm_ready_s": 1.5, "idle_rss_mb": 150.0}
 _DEADLINE_S = 300.0
@@ -114,7 +114,7 @@ def _table(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         lines.append(f"{row['start']:<6} {row['ready_s']:>8.2f} {row['idle_rss_mb']:>13.1f}")
     for name, ok in report["met"].items():
-        lines.append(f"target {name} <= {TARGETS[name]:g}: {'met' if ok else 'NOT MET'}")
+        lines.append(f"target {name} <= {TARGETS[name]:g}: {verdict(ok)}")
     return "\n".join(lines)
 
 

@@ -72,7 +72,7 @@ def clean_up(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def finalize(model: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
-    """Clean-up, metadata, then ``check_model(full_check=True)`` and strict inference."""
+    """Clean-up, metadata, then onnx's checker and strict, type-checked shape inference."""
     model = clean_up(model)
     graph = model.graph
     graph.ClearField("value_info")
@@ -84,11 +84,13 @@ def finalize(model: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProt
     for key in sorted(metadata):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, metadata[key]
+    # One serialization for both: the structural checks, then strict, type-checked inference
+    # with data propagation (a superset of ``full_check``'s own inference pass, which would
+    # serialize and infer a second time).
+    data = model.SerializeToString()
     try:
-        inferred = shape_inference.infer_shapes(
-            model, check_type=True, strict_mode=True, data_prop=True
-        )
-        checker.check_model(inferred, full_check=True)
+        checker.check_model(data)
+        shape_inference.infer_shapes(data, check_type=True, strict_mode=True, data_prop=True)
     except (checker.ValidationError, shape_inference.InferenceError) as err:
         raise ValueError(
             f"the exported graph fails onnx's checks at opset {metadata['opset']}: {err}"

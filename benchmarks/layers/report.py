@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.layers.compare import MAX_ABS_DIFF
 from benchmarks.layers.rows import MODE_TARGETS, RATIO_TARGET
-from benchmarks.report import environment, write_report
+from benchmarks.report import environment, verdict, write_report
 from benchmarks.timing import TimingPlan
 
 __all__ = ["format_table", "metadata", "write_json"]
@@ -65,7 +65,7 @@ def _flag(value: bool | None) -> str:
 
 def _target(target: float | None, met: bool | None) -> str:
     """``<= 1.2 yes``: the mode's target and whether the row meets it; ``-`` where none."""
-    return "-" if target is None else f"<= {target:g} {_flag(met)}"
+    return "-" if target is None else f"<= {target:g} {verdict(met)}"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
