@@ -41,6 +41,11 @@ join it.  A lone client (concurrency 1) never brings company, and would pay the 
 every request: after IDLE_WAITS waits in a row that nobody joined, a key waits only once per
 EXPLORE_EVERY chances, until a wait is joined again.  Nothing waits at limit 1.
 
+*Running alone, at once*: a request that finds the batcher idle (nothing queued, no run in
+flight) skips the queue and runs on the caller's thread when :meth:`ShapeCosts.alone` says so:
+at limit 1, or after IDLE_WAITS unjoined waits, except one such request in EXPLORE_EVERY,
+which takes the queue so that, under load, the requests behind it queue up and can merge.
+
 Keys are kept for the MAX_KEYS most recently used shapes (clients choose shapes, so their
 number is unbounded); a forgotten key starts afresh.  Nothing here reads a clock or takes a
 lock: costs come in as numbers, and the batcher calls under its own lock.
@@ -103,6 +108,11 @@ class MergePolicy(Protocol):
         """A wait ended; ``joined``: more samples of ``key`` arrived during it."""
         ...
 
+    def alone(self, key: Hashable) -> bool:
+        """Whether a request of ``key`` arriving at an idle batcher (empty queue, no run in
+        flight) should run at once on its own, on the caller's thread."""
+        ...
+
 
 class AlwaysMerge:
     """Triton's rule: merge up to ``max_batch_size``, whatever it costs."""
@@ -125,6 +135,9 @@ class AlwaysMerge:
     def waited(self, key: Hashable, joined: bool) -> None:
         pass
 
+    def alone(self, key: Hashable) -> bool:
+        return False
+
 
 class ShapeCosts:
     """The cost table and the decision of one batch key (see the module docstring)."""
@@ -138,6 +151,7 @@ class ShapeCosts:
         self._turn = 0
         self._idle_waits = 0  # waits in a row that nobody joined
         self._waits_skipped = 0
+        self._alone_turns = 0
 
     def observe(self, samples: int, seconds: float) -> None:
         if samples < 1:
@@ -179,6 +193,17 @@ class ShapeCosts:
 
     def waited(self, joined: bool) -> None:
         self._idle_waits = 0 if joined else self._idle_waits + 1
+
+    def alone(self) -> bool:
+        """Run a request that finds the batcher idle at once, on its own: where merging does
+        not pay (limit 1) or nobody comes to join it (a lone client).  One call in
+        EXPLORE_EVERY says no, so that the request goes through the batcher's queue: under load
+        the requests behind it then queue up, and the table keeps learning what merging costs
+        (a key starts at limit 1)."""
+        self._alone_turns += 1
+        if self._alone_turns % EXPLORE_EVERY == 0:
+            return False
+        return self._limit <= 1 or self._idle_waits >= IDLE_WAITS
 
     def _up(self, limit: int) -> int | None:
         """The larger size to try: the largest bucket tried so far while it is short of
@@ -254,6 +279,9 @@ class LearnedMerge:
 
     def waited(self, key: Hashable, joined: bool) -> None:
         self.costs(key).waited(joined)
+
+    def alone(self, key: Hashable) -> bool:
+        return self.costs(key).alone()
 
     def limits(self) -> dict[Hashable, int]:
         """Every known key's current limit (for logs and tests)."""

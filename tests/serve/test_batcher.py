@@ -345,3 +345,137 @@ def test_a_failing_policy_fails_the_queued_requests_then_serving_goes_on() -> No
         assert np.array_equal(result.outputs["y"], request(2)["x"] * 2)
 
     asyncio.run(asyncio.wait_for(run(), 10))
+
+
+class ThreadRecordingSession(FakeSession):
+    """FakeSession that also records the thread of each run and the most runs at once."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.gate.set()
+        self.threads: list[threading.Thread] = []
+        self.delay_s = delay_s
+        self._lock = threading.Lock()
+        self.active = self.most_active = 0
+
+    def run(self, feeds, *, shrink=False):
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            self.threads.append(threading.current_thread())
+            time.sleep(self.delay_s)
+            return super().run(feeds, shrink=shrink)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+async def _one_by_one(b: Batcher, count: int, value: float = 1.0, pause_s: float = 0.0) -> list:
+    results = []
+    for i in range(count):
+        results.append(await b.infer(request(value + i), 1))
+        await asyncio.sleep(pause_s * (i % 3))  # now and then the batcher goes idle
+    return results
+
+
+@pytest.mark.parametrize("policy", [None, LearnedMerge(8)], ids=["no batching", "learned limit 1"])
+def test_a_short_run_at_an_idle_batcher_runs_on_the_callers_thread(policy) -> None:
+    """The first run of a key goes through the worker (which measures it); after that, a
+    request that finds the batcher idle runs on the event loop's thread, with the same answer
+    and one execution counted per run; with a learned policy, one request in EXPLORE_EVERY
+    still goes through the worker."""
+    from normport.runtime.serve.merge_policy import EXPLORE_EVERY
+
+    session = ThreadRecordingSession()
+    b = batcher(session, None if policy is None else SLOW, policy=policy)
+
+    async def run() -> tuple[list, threading.Thread]:
+        return await _one_by_one(b, 2 * EXPLORE_EVERY), threading.current_thread()
+
+    results, loop_thread = asyncio.run(run())
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result.outputs["y"], request(1.0 + i)["x"] * 2)
+    on_loop = [t is loop_thread for t in session.threads]
+    assert not on_loop[0]  # the first run of the key: the worker
+    # the worker also takes a request that comes before it is back asleep (timing-dependent)
+    least_on_worker = 1 if policy is None else 2  # + the one in EXPLORE_EVERY
+    assert least_on_worker <= on_loop.count(False) <= len(on_loop) // 2
+    assert len(b.executions) == len(results) == len(session.batches)
+
+
+def test_a_run_longer_than_the_inline_bound_stays_on_the_worker() -> None:
+    from normport.runtime.serve.batcher import INLINE_MAX_S
+
+    session = ThreadRecordingSession(delay_s=3 * INLINE_MAX_S)
+    b = batcher(session, None)
+
+    async def run() -> threading.Thread:
+        await _one_by_one(b, 5)
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(run())
+    assert all(t is not loop_thread for t in session.threads)
+
+
+def test_a_request_that_finds_a_run_in_flight_queues_behind_it() -> None:
+    """Requests gathered on one loop: the first runs, the others queue and merge behind it
+    (under AlwaysMerge) instead of each running alone on the loop."""
+    session = ThreadRecordingSession(delay_s=0.02)
+    b = batcher(session, SLOW)
+
+    async def run() -> None:
+        await b.infer(request(0), 1)  # measured: the key could run inline from now on
+        await asyncio.gather(*(b.infer(request(i), 1) for i in range(1, 6)))
+
+    asyncio.run(run())
+    assert session.batches[0] == 1
+    assert sum(session.batches[1:]) == 5 and len(session.batches) < 6  # merged
+
+
+def test_a_failing_run_on_the_callers_thread_fails_alone_with_the_same_errors() -> None:
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    class Refusing(ThreadRecordingSession):
+        def run(self, feeds, *, shrink=False):
+            if (feeds["x"] == 7).any():
+                raise InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : bad index")
+            return super().run(feeds, shrink=shrink)
+
+    session = Refusing()
+    b = batcher(session, None)
+
+    async def run() -> None:
+        await _one_by_one(b, 3)
+        with pytest.raises(BadRequest, match=r"refused the request: .*bad index"):
+            await b.infer(request(7), 1)
+        with pytest.raises(InferenceFailed, match="poisoned input"):
+            await b.infer(request(-1), 1)
+        assert np.array_equal((await b.infer(request(2), 1)).outputs["y"], request(2)["x"] * 2)
+
+    asyncio.run(run())
+
+
+def test_runs_from_several_event_loops_never_overlap() -> None:
+    """Two clients, each on its own event loop and thread, take the fast path whenever the
+    batcher is idle: the model still runs one request at a time."""
+    session = ThreadRecordingSession(delay_s=0.0005)
+    b = batcher(session, None)
+    errors: list[BaseException] = []
+
+    def client(offset: float) -> None:
+        try:
+            asyncio.run(_one_by_one(b, 60, offset, pause_s=0.002))
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(v,)) for v in (0.0, 100.0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert session.most_active == 1
+    assert len(session.batches) == 120
+    client_threads = {t.ident for t in threads}
+    assert any(t.ident in client_threads for t in session.threads)  # some ran on a loop

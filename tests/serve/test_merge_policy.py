@@ -202,3 +202,30 @@ def test_about_even_costs_keep_the_limit_where_it_is() -> None:
     for _ in range(WINDOW):
         table.observe(8, 8 * 190e-6)  # now 16 is clearly cheaper
     assert table.limit() == 16
+
+
+def test_alone_where_merging_does_not_pay_but_one_request_in_explore_every_queues() -> None:
+    table = measured({1: 100, 2: 100})
+    assert table.limit() == 1
+    answers = [table.alone() for _ in range(3 * EXPLORE_EVERY)]
+    assert answers.count(False) == 3
+    assert all(not a for i, a in enumerate(answers) if (i + 1) % EXPLORE_EVERY == 0)
+
+
+def test_alone_where_merging_pays_only_once_nobody_joins_the_waits() -> None:
+    table = measured({1: 100, 2: 50})
+    assert table.limit() == 2
+    assert not any(table.alone() for _ in range(2 * EXPLORE_EVERY))  # waits may be joined
+    for _ in range(IDLE_WAITS):
+        table.waited(joined=False)
+    assert [table.alone() for _ in range(EXPLORE_EVERY - 1)].count(True) >= EXPLORE_EVERY - 2
+    table.waited(joined=True)  # company again: back to the queue
+    assert not any(table.alone() for _ in range(2 * EXPLORE_EVERY))
+
+
+def test_a_new_key_starts_alone_at_limit_one() -> None:
+    """Before anything is measured the limit is 1: a request at an idle batcher runs alone
+    (under load, the one in EXPLORE_EVERY that queues lets the table measure merging)."""
+    policy = LearnedMerge(MAX)
+    assert policy.alone("k")
+    assert policy.limits() == {"k": 1}
