@@ -43,7 +43,7 @@ EXPLORE_EVERY chances, until a wait is joined again.  Nothing waits at limit 1.
 
 *Running alone, at once*: a request that finds the batcher idle (nothing queued, no run in
 flight) skips the queue and runs on the caller's thread when :meth:`ShapeCosts.alone` says so:
-at limit 1, or after IDLE_WAITS unjoined waits, except one such request in EXPLORE_EVERY,
+at limit 1 once a larger bucket has been measured, except one such request in EXPLORE_EVERY,
 which takes the queue so that, under load, the requests behind it queue up and can merge.
 
 Keys are kept for the MAX_KEYS most recently used shapes (clients choose shapes, so their
@@ -195,15 +195,17 @@ class ShapeCosts:
         self._idle_waits = 0 if joined else self._idle_waits + 1
 
     def alone(self) -> bool:
-        """Run a request that finds the batcher idle at once, on its own: where merging does
-        not pay (limit 1) or nobody comes to join it (a lone client).  One call in
-        EXPLORE_EVERY says no, so that the request goes through the batcher's queue: under load
-        the requests behind it then queue up, and the table keeps learning what merging costs
-        (a key starts at limit 1)."""
+        """Run a request that finds the batcher idle at once, on its own, only where the table
+        shows that merging does not pay: limit 1 with a larger bucket measured.  Not before
+        (a key starts at limit 1, and a request run on the event loop's thread blocks it, so
+        no queue forms to measure merging from), and not for a lone client where merging pays
+        (under load its requests must queue to merge).  One call in EXPLORE_EVERY says no, so
+        that request goes through the queue and, under load, the ones behind it queue up and
+        keep the table current."""
         self._alone_turns += 1
         if self._alone_turns % EXPLORE_EVERY == 0:
             return False
-        return self._limit <= 1 or self._idle_waits >= IDLE_WAITS
+        return self._limit <= 1 and any(b > 1 for b in self._least)
 
     def _up(self, limit: int) -> int | None:
         """The larger size to try: the largest bucket tried so far while it is short of

@@ -379,7 +379,18 @@ async def _one_by_one(b: Batcher, count: int, value: float = 1.0, pause_s: float
     return results
 
 
-@pytest.mark.parametrize("policy", [None, LearnedMerge(8)], ids=["no batching", "learned limit 1"])
+def flat_costs() -> LearnedMerge:
+    """A learned policy that measured merging the width-3 requests as not paying (limit 1)."""
+    from normport.runtime.serve.merge_policy import MIN_RUNS
+
+    policy = LearnedMerge(8)
+    for size in (1, 2, 4):
+        for _ in range(MIN_RUNS):
+            policy.observe((("x", (3,)),), size, size * 1e-4)
+    return policy
+
+
+@pytest.mark.parametrize("policy", [None, flat_costs()], ids=["no batching", "learned limit 1"])
 def test_a_short_run_at_an_idle_batcher_runs_on_the_callers_thread(policy) -> None:
     """The first run of a key goes through the worker (which measures it); after that, a
     request that finds the batcher idle runs on the event loop's thread, with the same answer

@@ -212,20 +212,25 @@ def test_alone_where_merging_does_not_pay_but_one_request_in_explore_every_queue
     assert all(not a for i, a in enumerate(answers) if (i + 1) % EXPLORE_EVERY == 0)
 
 
-def test_alone_where_merging_pays_only_once_nobody_joins_the_waits() -> None:
+def test_never_alone_where_merging_pays_even_for_a_lone_client() -> None:
     table = measured({1: 100, 2: 50})
     assert table.limit() == 2
-    assert not any(table.alone() for _ in range(2 * EXPLORE_EVERY))  # waits may be joined
+    assert not any(table.alone() for _ in range(2 * EXPLORE_EVERY))
     for _ in range(IDLE_WAITS):
         table.waited(joined=False)
-    assert [table.alone() for _ in range(EXPLORE_EVERY - 1)].count(True) >= EXPLORE_EVERY - 2
-    table.waited(joined=True)  # company again: back to the queue
     assert not any(table.alone() for _ in range(2 * EXPLORE_EVERY))
 
 
-def test_a_new_key_starts_alone_at_limit_one() -> None:
-    """Before anything is measured the limit is 1: a request at an idle batcher runs alone
-    (under load, the one in EXPLORE_EVERY that queues lets the table measure merging)."""
+def test_not_alone_before_merging_is_measured() -> None:
+    """A key starts at limit 1 with nothing measured: its requests queue (where, under load,
+    merging gets measured), until a larger bucket shows that merging does not pay."""
     policy = LearnedMerge(MAX)
-    assert policy.alone("k")
+    assert not any(policy.alone("k") for _ in range(2 * EXPLORE_EVERY))
+    table = policy.costs("k")
+    for _ in range(MIN_RUNS):
+        table.observe(1, 100e-6)
+    assert not any(policy.alone("k") for _ in range(2 * EXPLORE_EVERY))  # only bucket 1
+    for _ in range(MIN_RUNS):
+        table.observe(2, 2 * 100e-6)
     assert policy.limits() == {"k": 1}
+    assert [policy.alone("k") for _ in range(EXPLORE_EVERY)].count(True) == EXPLORE_EVERY - 1
