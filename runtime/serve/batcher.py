@@ -16,8 +16,8 @@ Whether merging pays is learned per key (:mod:`runtime.serve.merge_policy`): a r
 more samples than the key's *limit*, the batch size measured cheapest per sample, and nothing
 waits for more than that limit (limit 1: no waiting and no merging, as without dynamic
 batching).  What each run cost goes back to the policy: the worker's CPU time for it (forming
-the batch, onnxruntime, splitting, handing the results over; its wall time when onnxruntime
-computes in threads of its own) plus :data:`HANDOFF_S`, the event loop's share of a run.
+the batch, onnxruntime, splitting; its wall time when onnxruntime computes in threads of its
+own) plus :data:`HANDOFF_S`, the hand-over of the results and the event loop's share of a run.
 CPU time, because on a core shared with the event loop a run's wall time counts whatever the
 loop did meanwhile: a batch of 64 overlaps the handling of 64 requests, a lone request almost
 nothing, and wall time made merging a CNN look 40% dearer per sample than it is.
@@ -166,6 +166,9 @@ class Batcher:
         self._sleeping_for: object = None
         self._enough: tuple[frozenset[int], int] = (frozenset(), 0)
         self._running_here = False  # a run on a caller's thread holds the model
+        self._worker_busy = False  # the worker holds a batch (from taking it to answering it)
+        # the worker's answers for its current batch, sent when it is done with it
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, Callable[..., None], tuple]] = []
         self._alone_ns: collections.OrderedDict[Hashable, int] = collections.OrderedDict()
 
     async def infer(
@@ -207,8 +210,8 @@ class Batcher:
 
     def _runs_here(self, key: Hashable, run_bytes: int) -> bool:
         """Under the lock: whether this request takes the fast path (module docstring)."""
-        idle = self._thread is None or self._sleeping_for is _ANY
-        if self._pending or self._running_here or not idle or run_bytes >= SHRINK_ABOVE_BYTES:
+        busy = self._pending or self._running_here or self._worker_busy
+        if busy or run_bytes >= SHRINK_ABOVE_BYTES:
             return False
         last = self._alone_ns.get(key)
         if last is None or last > INLINE_MAX_S * 1e9:
@@ -276,6 +279,7 @@ class Batcher:
                         if self._closed and not self._pending:
                             return
                         self._sleep(_ANY, None)
+                    self._worker_busy = True
                     if self._batching is not None:
                         self._wait_for_batch(self._batching)
                     taken, cost_from = time.perf_counter_ns(), self._clock()
@@ -288,9 +292,29 @@ class Batcher:
                         batch, self._pending = list(self._pending), collections.deque()
                         self._queued_samples.clear()
                 for item in batch:
-                    _post(item, _as_serve_error(error, self._model))
+                    self._send_failure(item, _as_serve_error(error, self._model))
                 if not isinstance(error, Exception):
                     raise
+            finally:
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        """The worker is done with its batch: mark it idle, *then* send the answers, so that
+        the next request of a client it answers finds it idle (and may take the fast path)."""
+        with self._ready:
+            self._worker_busy = False
+        outbox, self._outbox = self._outbox, []
+        for loop, callback, args in outbox:
+            _call_soon(loop, callback, *args)
+
+    def _send(
+        self, loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: object
+    ) -> None:
+        """From the worker: ``callback(*args)`` on ``loop``, once the batch is done."""
+        self._outbox.append((loop, callback, args))
+
+    def _send_failure(self, item: _Pending, error: ServeError) -> None:
+        self._send(item.loop, _fail, item.future, error)
 
     def _sleep(self, what: object, timeout: float | None) -> None:
         self._sleeping_for = what
@@ -361,7 +385,7 @@ class Batcher:
                 for item in batch:
                     self._execute([item], time.perf_counter_ns(), self._clock())
                 return
-            _post(batch[0], _as_serve_error(error, self._model))
+            self._send_failure(batch[0], _as_serve_error(error, self._model))
             return
         loops: dict[asyncio.AbstractEventLoop, list[tuple[_Pending, dict[str, np.ndarray]]]] = {}
         for item, own in zip(batch, outputs, strict=True):
@@ -370,7 +394,7 @@ class Batcher:
         for loop, answers in loops.items():
             on_execution = None if counted else self._on_execution
             counted = True
-            _call_soon(loop, _deliver, answers, taken_ns, execution, on_execution)
+            self._send(loop, _deliver, answers, taken_ns, execution, on_execution)
         if len(batch) == 1:
             with self._ready:
                 wall = execution.input_ns + execution.infer_ns + execution.output_ns
@@ -428,11 +452,6 @@ def _deliver(
     for item, own in answers:
         if not item.future.done():  # the client may have gone away
             item.future.set_result(Result(own, dispatched_ns - item.enqueued_ns, execution))
-
-
-def _post(item: _Pending, error: ServeError) -> None:
-    """Fail ``item`` on its event loop."""
-    _call_soon(item.loop, _fail, item.future, error)
 
 
 def _call_soon(
