@@ -31,12 +31,20 @@ for a batch on a condition variable, which times ``max_queue_delay`` to the micr
 event-loop timers are millisecond-grained.
 
 The fast path: a request that finds the batcher idle (nothing queued, no run in flight), whose
-key runs alone (no dynamic batching, or :meth:`~runtime.serve.merge_policy.MergePolicy.alone`),
-and whose last run alone took at most :data:`INLINE_MAX_S`, runs at once on the event loop's
-own thread.  Handing a run to the worker and its results back costs two thread wake-ups: about
-220 us of CPU and latency per request on a 2-core VM, 14 times what ``seq_bn`` spends in
-onnxruntime.  A run on the loop blocks it for the run's duration, hence the bound; the first
-run of a key, and any larger than the bound, go through the worker (which measures them).
+last run alone took at most :data:`INLINE_MAX_S`, and that has nobody to merge with, runs at
+once on the event loop's own thread.  Nobody to merge with: no dynamic batching; or
+:meth:`~runtime.serve.merge_policy.MergePolicy.alone` (merging is measured not to pay); or the
+event loop has *slept* since it last answered this model (of the wall time since then, at
+least :data:`IDLE_MIN_S` was not the loop thread's CPU time): it waited in its selector with
+every request read, so no backlog holds a request to merge with (a lone client, say; Triton
+likewise runs at once a request that finds its model idle when ``max_queue_delay`` is 0).
+Under load the loop never sleeps between requests, so they queue and merge; a burst that
+wakes a sleeping loop runs its first request alone and merges the rest behind it.
+
+Handing a run to the worker and its results back costs two thread wake-ups: about 220 us of
+CPU and latency per request on a 2-core VM, 14 times what ``seq_bn`` spends in onnxruntime.
+A run on the loop blocks it for the run's duration, hence the bound; the first run of a key,
+and any larger than the bound, go through the worker (which measures them).
 One run is still in flight at a time: the worker waits while a run on the loop holds the model.
 
 Memory: each request carries its estimated run bytes (:mod:`runtime.serve.memory`); a batch
@@ -73,7 +81,7 @@ from normport.runtime.serve.merge_policy import LearnedMerge, MergePolicy
 from normport.runtime.serve.session import SHRINK_ABOVE_BYTES, Session
 from normport.runtime.serve.spec import Batching
 
-__all__ = ["HANDOFF_S", "INLINE_MAX_S", "Batcher", "Execution", "Result"]
+__all__ = ["HANDOFF_S", "IDLE_MIN_S", "INLINE_MAX_S", "Batcher", "Execution", "Result"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,11 @@ HANDOFF_S = 15e-6
 # The longest run alone (wall time, last measured for its key) that may run on the event loop
 # instead of the worker thread: the loop answers nothing else meanwhile.
 INLINE_MAX_S = 1e-3
+# The least time the event loop must have spent off its CPU since it last answered a model for
+# its next request to count as arriving at an idle server: more than the few microseconds of
+# scheduler noise between two requests it handles back to back, less than any client's round
+# trip over loopback (50 us and up).
+IDLE_MIN_S = 20e-6
 _INLINE_KEYS = 64  # keys whose last run alone is remembered (clients choose shapes)
 
 
@@ -170,6 +183,8 @@ class Batcher:
         # the worker's answers for its current batch, sent when it is done with it
         self._outbox: list[tuple[asyncio.AbstractEventLoop, Callable[..., None], tuple]] = []
         self._alone_ns: collections.OrderedDict[Hashable, int] = collections.OrderedDict()
+        # when an event loop last answered a request of this model: (thread, wall, thread CPU)
+        self._answered: tuple[int, int, int] = (0, 0, 0)
 
     async def infer(
         self, inputs: dict[str, np.ndarray], batch_size: int, run_bytes: int = 0
@@ -184,10 +199,11 @@ class Batcher:
         """
         loop = asyncio.get_running_loop()
         key = tuple((name, a.shape[1:]) for name, a in inputs.items())
+        idle = self._loop_slept()
         with self._ready:
             if self._closed:
                 raise ModelUnavailable(f"model '{self._model}' is shutting down")
-            here = self._runs_here(key, run_bytes)
+            here = self._runs_here(key, run_bytes, idle)
             if here:
                 self._running_here = True
             else:
@@ -208,15 +224,33 @@ class Batcher:
         if sleeping is _ANY or (sleeping == key and self._completes(queued)):
             self._ready.notify()
 
-    def _runs_here(self, key: Hashable, run_bytes: int) -> bool:
-        """Under the lock: whether this request takes the fast path (module docstring)."""
+    def _runs_here(self, key: Hashable, run_bytes: int, idle: bool) -> bool:
+        """Under the lock: whether this request takes the fast path (module docstring);
+        ``idle``: the event loop slept since it last answered this model."""
         busy = self._pending or self._running_here or self._worker_busy
         if busy or run_bytes >= SHRINK_ABOVE_BYTES:
             return False
         last = self._alone_ns.get(key)
         if last is None or last > INLINE_MAX_S * 1e9:
             return False
-        return self._batching is None or self.policy.alone(key)
+        return self._batching is None or idle or self.policy.alone(key)
+
+    def _loop_slept(self) -> bool:
+        """On an event loop: whether, since it last answered this model, it spent at least
+        :data:`IDLE_MIN_S` of wall time off its CPU,
+
+        ``(wall - wall_0) - (cpu - cpu_0) >= IDLE_MIN_S``, the loop thread's clocks
+
+        (False on another thread than the one that answered last: nothing is known there)."""
+        thread, wall, cpu = self._answered
+        if thread != threading.get_ident():
+            return False
+        off = (time.perf_counter_ns() - wall) - (time.thread_time_ns() - cpu)
+        return off >= IDLE_MIN_S * 1e9
+
+    def _mark_answered(self) -> None:
+        """On an event loop, once it has a request's answer (see :meth:`_loop_slept`)."""
+        self._answered = (threading.get_ident(), time.perf_counter_ns(), time.thread_time_ns())
 
     def _run_here(self, key: Hashable, inputs: dict[str, np.ndarray]) -> Result:
         """Run one request on the caller's thread (the lock is not held, the model is)."""
@@ -232,6 +266,7 @@ class Batcher:
                 if self._pending:  # queued from another event loop meanwhile
                     self._ready.notify()
         self._on_execution(execution)
+        self._mark_answered()
         return Result(outputs[0], 0, execution)
 
     def _remember_alone(self, key: Hashable, ns: int) -> None:
@@ -394,7 +429,9 @@ class Batcher:
         for loop, answers in loops.items():
             on_execution = None if counted else self._on_execution
             counted = True
-            self._send(loop, _deliver, answers, taken_ns, execution, on_execution)
+            self._send(
+                loop, _deliver, answers, taken_ns, execution, on_execution, self._mark_answered
+            )
         if len(batch) == 1:
             with self._ready:
                 wall = execution.input_ns + execution.infer_ns + execution.output_ns
@@ -445,6 +482,7 @@ def _deliver(
     dispatched_ns: int,
     execution: Execution,
     on_execution: Callable[[Execution], None] | None,
+    mark_answered: Callable[[], None],
 ) -> None:
     """On the requests' event loop: count the run, answer every request still waiting."""
     if on_execution is not None:
@@ -452,6 +490,7 @@ def _deliver(
     for item, own in answers:
         if not item.future.done():  # the client may have gone away
             item.future.set_result(Result(own, dispatched_ns - item.enqueued_ns, execution))
+    mark_answered()
 
 
 def _call_soon(

@@ -418,6 +418,51 @@ def test_a_short_run_at_an_idle_batcher_runs_on_the_callers_thread(policy) -> No
     assert len(b.executions) == len(results) == len(session.batches)
 
 
+def test_after_the_loop_slept_a_request_runs_on_its_thread_even_where_merging_pays() -> None:
+    """Under AlwaysMerge (merging always pays, so no key ever runs alone): a request that
+    comes after its event loop slept (a lone client's round trip) has nobody to merge with and
+    runs on the loop's thread; requests that come back to back, the loop never off its CPU
+    between an answer and the next request (a backlog), queue for the worker."""
+    from normport.runtime.serve.batcher import IDLE_MIN_S
+
+    session = ThreadRecordingSession()
+    b = batcher(session, SLOW)
+
+    async def run() -> threading.Thread:
+        await b.infer(request(0), 1)  # the key's first run: the worker measures it
+        for i in range(1, 9):
+            await b.infer(request(i), 1)
+        for i in range(9, 17):
+            await asyncio.sleep(100 * IDLE_MIN_S)
+            result = await b.infer(request(i), 1)
+            np.testing.assert_array_equal(result.outputs["y"], request(i)["x"] * 2)
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(run())
+    on_loop = [t is loop_thread for t in session.threads]
+    assert not on_loop[0]
+    # back to back: the worker (one may be taken inline if the loop thread was preempted)
+    assert on_loop[1:9].count(False) >= 6
+    assert all(on_loop[9:])  # after a sleep: every one inline
+    assert len(b.executions) == 17
+
+
+def test_a_loop_that_slept_does_not_run_a_request_inline_behind_a_queue() -> None:
+    """The idle-loop rule needs an idle batcher too: a request that finds others queued or a
+    run in flight queues behind them, however long its loop slept."""
+    session = ThreadRecordingSession(delay_s=0.02)
+    b = batcher(session, SLOW)
+
+    async def run() -> None:
+        await b.infer(request(0), 1)
+        await asyncio.sleep(0.01)
+        await asyncio.gather(*(b.infer(request(i), 1) for i in range(1, 6)))
+
+    asyncio.run(run())
+    assert session.batches[0] == 1
+    assert sum(session.batches[1:]) == 5 and len(session.batches) < 6  # merged behind the first
+
+
 def test_a_run_longer_than_the_inline_bound_stays_on_the_worker() -> None:
     from normport.runtime.serve.batcher import INLINE_MAX_S
 
