@@ -208,6 +208,7 @@ def small(repo_root):
 
         return asyncio.run(send())
 
+    post.app = app  # type: ignore[attr-defined]
     return post
 
 
@@ -235,3 +236,50 @@ def test_body_limit_413_over_a_socket(server, http) -> None:
     r = http.post("/v2/models/t_fp32/infer", content=b" " * (65 * 1024 * 1024))
     assert r.status_code == 413 and "over the limit of 67108864 bytes" in r.json()["error"]
     assert http.get("/v2/health/live").status_code == 200
+
+
+# -- the infer route before the router: the same answers as Starlette's router --------------
+
+
+def _router_only(app):
+    """The same routes and error handlers, without the infer route in front (the oracle)."""
+    from starlette.applications import Starlette
+
+    oracle = Starlette(routes=app.routes, exception_handlers=app.exception_handlers)
+    oracle.router.redirect_slashes = app.router.redirect_slashes
+    return oracle
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content", "root_path"),
+    [
+        ("POST", "/v2/models/t_fp32/infer", _ok_body(2), ""),
+        ("POST", "/v2/models/t_fp32/versions/1/infer", _ok_body(1), ""),
+        ("POST", "/v2/models/t_fp32/versions/9/infer", _ok_body(1), ""),
+        ("POST", "/v2/models/nope/infer", _ok_body(1), ""),
+        ("POST", "/v2/models/broken_mismatch/infer", _ok_body(1), ""),
+        ("POST", "/v2/models/t_fp32/infer", b"{", ""),
+        ("POST", "/v2/models//infer", _ok_body(1), ""),
+        ("POST", "/v2/models/t_fp32/infer/", _ok_body(1), ""),
+        ("POST", "/v2/models/a/b/infer", _ok_body(1), ""),
+        ("POST", "/v2/models/t_fp32/versions//infer", _ok_body(1), ""),
+        ("GET", "/v2/models/t_fp32/infer", b"", ""),
+        ("PUT", "/v2/models/t_fp32/infer", _ok_body(1), ""),
+        ("POST", "/api/v2/models/t_fp32/infer", _ok_body(1), "/api"),
+        ("POST", "/apiv2/models/t_fp32/infer", _ok_body(1), "/api"),
+    ],
+)  # fmt: skip
+def test_the_infer_route_answers_as_the_router_does(small, method, path, content, root_path):
+    """Status, body and content type through the app (the infer route before the router)
+    and through Starlette's router alone, on the same loaded models."""
+    app = small.app
+
+    async def call(target) -> httpx.Response:
+        transport = httpx.ASGITransport(app=target, root_path=root_path)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as c:
+            return await c.request(method, path, content=content)
+
+    fast, oracle = asyncio.run(call(app)), asyncio.run(call(_router_only(app)))
+    assert fast.status_code == oracle.status_code, (fast.text, oracle.text)
+    assert fast.headers["content-type"] == oracle.headers["content-type"]
+    assert fast.content == oracle.content
