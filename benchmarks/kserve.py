@@ -16,7 +16,7 @@ and writes a report marked ``skipped``: it does not fail.
 
 One client (:mod:`benchmarks.loadgen`, pinned like in :mod:`benchmarks.serve`) drives both over
 OIP v2 REST, interleaved: every repeat runs each model x protocol (JSON, binary) x concurrency
-(1, 16) on both servers, in alternating order.  Rows: throughput, p50 and p99 (medians of the
+(1, 16, 64) on both servers, in alternating order.  Rows: throughput, p50 and p99 (medians of the
 repeats), the servers' start (process start to every model ready: normport's first start
 probes its models, its restart reads the probe cache) and RSS (after the load), each with the
 ratio normport / KServe turned so that above 1 means normport is better.  Target: at least
@@ -44,7 +44,7 @@ __all__ = ["KSERVE", "TARGET", "main", "venv_python"]
 
 KSERVE = "kserve==0.21.0"
 TARGET = 1.5  # normport better by this factor on every row
-CONCURRENCY = (1, 16)
+CONCURRENCY = (1, 16, 64)
 DEFAULT_MODELS = ("cnn_bn", "transformer_ln")
 _CONFIG_ENV = "NORMPORT_KSERVE_CONFIG"  # the server's settings (kserve parses sys.argv itself)
 _INSTALL_TIMEOUT_S = 900
