@@ -17,10 +17,14 @@ more samples than the key's *limit*, the batch size measured cheapest per sample
 waits for more than that limit (limit 1: no waiting and no merging, as without dynamic
 batching).  What each run cost goes back to the policy: the worker's CPU time for it (forming
 the batch, onnxruntime, splitting; its wall time when onnxruntime computes in threads of its
-own) plus :data:`HANDOFF_S`, the hand-over of the results and the event loop's share of a run.
-CPU time, because on a core shared with the event loop a run's wall time counts whatever the
-loop did meanwhile: a batch of 64 overlaps the handling of 64 requests, a lone request almost
-nothing, and wall time made merging a CNN look 40% dearer per sample than it is.
+own) plus :data:`HANDOFF_S`, the hand-over of the results and the event loop's share of a run;
+for a run on the event loop's own thread (the fast path below), that thread's CPU time alone,
+with no hand-over: so a model whose runs cost the same per sample at any batch size (a CNN)
+is measured cheaper alone, and its requests are not merged to save hand-overs that running
+alone does not pay.  CPU time, because on a core shared with the event loop a run's wall time
+counts whatever the loop did meanwhile: a batch of 64 overlaps the handling of 64 requests, a
+lone request almost nothing, and wall time made merging a CNN look 40% dearer per sample than
+it is.
 
 Why the worker thread forms the batches itself, rather than a task on the event loop handing
 each batch to an executor: a round trip through ``run_in_executor`` and a dispatch task cost
@@ -254,15 +258,19 @@ class Batcher:
 
     def _run_here(self, key: Hashable, inputs: dict[str, np.ndarray]) -> Result:
         """Run one request on the caller's thread (the lock is not held, the model is)."""
-        start = time.perf_counter_ns()
+        start, cost_from = time.perf_counter_ns(), self._clock()
+        cost = None
         try:
             outputs, execution = self._run([inputs], shrink=False)
+            cost = (self._clock() - cost_from) / 1e9
         except Exception as error:
             raise _as_serve_error(error, self._model) from error
         finally:
             with self._ready:
                 self._running_here = False
                 self._remember_alone(key, time.perf_counter_ns() - start)
+                if cost is not None and self._batching is not None:
+                    self.policy.observe(key, 1, cost)  # no hand-over to add
                 if self._pending:  # queued from another event loop meanwhile
                     self._ready.notify()
         self._on_execution(execution)
@@ -294,7 +302,9 @@ class Batcher:
             thread = self._thread
         if thread is not None:
             await asyncio.to_thread(thread.join)
-        while self._running_here:  # a run on another event loop's thread
+        # A run on another event loop's thread: polled, where an Event would cost every run
+        # on a loop a set and a clear.
+        while self._running_here:
             await asyncio.sleep(0.001)
 
     def limits(self) -> dict[Hashable, int]:

@@ -97,7 +97,7 @@ class MergePolicy(Protocol):
         ...
 
     def observe(self, key: Hashable, samples: int, seconds: float) -> None:
-        """A run of ``samples`` samples cost ``seconds`` (what the worker spent on it)."""
+        """A run of ``samples`` samples cost ``seconds`` (what the batcher spent on it)."""
         ...
 
     def should_wait(self, key: Hashable) -> bool:

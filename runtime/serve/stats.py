@@ -50,7 +50,9 @@ class ModelStats:
     def record_execution(self, execution: Execution) -> None:
         """One onnxruntime run (called by the batcher)."""
         self.execution_count += 1
-        phases = self._batches.setdefault(execution.batch_size, {k: _Duration() for k in _PHASES})
+        phases = self._batches.get(execution.batch_size)
+        if phases is None:  # (not setdefault: that would build the dict on every run)
+            phases = self._batches[execution.batch_size] = {k: _Duration() for k in _PHASES}
         phases["compute_input"].add(execution.input_ns)
         phases["compute_infer"].add(execution.infer_ns)
         phases["compute_output"].add(execution.output_ns)

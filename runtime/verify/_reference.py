@@ -4,11 +4,15 @@ onnx 1.23's reference ``BatchNormalization`` for opsets 9-13 fills in the defaul
 and then takes its *training* branch (blending batch statistics into the running ones), although
 BatchNormalization before opset 14 is inference-only.  Models at opset >= 14 pick the
 BatchNormalization-14/15 implementation, which is correct; below 14 :class:`BatchNormalization`
-here replaces it with the inference semantics the spec defines.  Remove it when the pinned onnx
-fixes its BatchNormalization-9.
+here replaces it with the inference semantics the spec defines, in the graph and in every local
+function (the evaluator builds a function's evaluator from its own class, without the caller's
+``new_ops``: hence :class:`_Opset9BatchNorm`).  Remove it when the pinned onnx fixes its
+BatchNormalization-9.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,7 +39,16 @@ class BatchNormalization(OpRun):
         return ((y * scale.reshape(shape) + bias.reshape(shape)).astype(x.dtype),)
 
 
+class _Opset9BatchNorm(ReferenceEvaluator):
+    """ReferenceEvaluator with :class:`BatchNormalization`, in its local functions too."""
+
+    def __init__(self, proto: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("new_ops", [BatchNormalization])
+        super().__init__(proto, *args, **kwargs)
+
+
 def reference(model: onnx.ModelProto) -> ReferenceEvaluator:
     """A ReferenceEvaluator for ``model`` (its local functions included)."""
-    new_ops = [BatchNormalization] if default_opset(model) < _FIXED_FROM else None
-    return ReferenceEvaluator(model, new_ops=new_ops)
+    if default_opset(model) < _FIXED_FROM:
+        return _Opset9BatchNorm(model)
+    return ReferenceEvaluator(model)

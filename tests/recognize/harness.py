@@ -15,10 +15,10 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import torch
-from onnx.reference import ReferenceEvaluator
 from torch import Tensor, nn
 
 from normport import export
+from normport.runtime.verify._reference import reference
 from tests.onnx_helpers import close, session, top_level_ops
 from tests.tolerances import OUTPUT
 
@@ -77,7 +77,7 @@ def run(model: onnx.ModelProto, xs: list[Tensor]) -> list[np.ndarray]:
         np_type = onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16)
         names = [i.name for i in model.graph.input][: len(xs)]
         feeds = {n: x.float().numpy().astype(np_type) for n, x in zip(names, xs, strict=True)}
-        out = ReferenceEvaluator(model).run(None, feeds)
+        out = reference(model).run(None, feeds)
         return [np.asarray(o, dtype=np.float32) for o in out]
     names = [i.name for i in model.graph.input][: len(xs)]  # train: state inputs have defaults
     return session(model).run(None, {n: x.numpy() for n, x in zip(names, xs, strict=True)})

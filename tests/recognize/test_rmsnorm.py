@@ -117,11 +117,13 @@ def test_trailing_two_axes():
 
 
 def test_transformers_classes():
+    # first: transformers imports torchvision, which needs this to load (run alone, this file
+    # failed with "operator torchvision::nms does not exist")
+    from tests.thirdparty._torchvision import torchvision  # noqa: F401, I001
+
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
     from transformers.models.t5.modeling_t5 import T5LayerNorm
-
-    from tests.thirdparty._torchvision import torchvision  # noqa: F401  (transformers needs it)
 
     for cls in (LlamaRMSNorm, Qwen2RMSNorm, T5LayerNorm):
         models = check_matched(randomize(cls(D)), SHAPE, "rmsnorm", rms_node, label=cls.__name__)
