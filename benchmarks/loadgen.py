@@ -44,6 +44,7 @@ class Body:
 @dataclass
 class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
+    completed: int = 0  # successful requests, the warmup's included
     errors: int = 0
     first_error: str = ""
     elapsed_s: float = 0.0
@@ -186,8 +187,10 @@ async def run_load(
     duration_s: float,
     warmup_s: float = 0.3,
     timeout_s: float = 30.0,
+    decode: bool = True,
 ) -> LoadResult:
-    """Drive ``url`` with ``concurrency`` closed-loop workers cycling through ``bodies``."""
+    """Drive ``url`` with ``concurrency`` closed-loop workers cycling through ``bodies``;
+    ``decode``: each 200 answer must be an infer response (else: any 200 counts)."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     requests = [_request_bytes(parts.netloc, parts.path, body) for body in bodies]
@@ -212,7 +215,8 @@ async def run_load(
                     status, header_length, content = await connection.send(request)
                 if status != 200:
                     raise RuntimeError(f"HTTP {status}: {content[:200]!r}")
-                decode_output(content, header_length)
+                if decode:
+                    decode_output(content, header_length)
             except Exception as e:  # counted, and the first one is reported
                 result.errors += 1
                 result.first_error = result.first_error or f"{type(e).__name__}: {e}"
@@ -221,6 +225,7 @@ async def run_load(
                     connection = None
                 await asyncio.sleep(0.01)  # no busy loop against a server that is down
                 continue
+            result.completed += 1
             if now >= measure_from:
                 result.latencies_s.append(time.perf_counter() - now)
         if connection is not None:

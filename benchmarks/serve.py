@@ -19,6 +19,11 @@ unbatched ratio is taken within each repeat, then its median.  With two CPUs or 
 generator runs on the last one and the servers on the others (``--no-pin``: wherever the OS
 puts them).
 
+The *HTTP floor* (:mod:`benchmarks.http_floor`: the service's uvicorn settings and protocol
+serving an app that answers 12 fixed bytes, in its own process on the servers' CPUs) is driven
+the same way, at every concurrency, in every repeat: what HTTP, loopback TCP, the client and the
+machine's wake-ups cost before any handler runs.
+
 In-process onnxruntime (the server's session options, same inputs) gives the limits: batch-1
 latency (the p50 overhead at concurrency 1 is the served p50 minus it) and the throughput of
 running *the same batches* the server ran at concurrency 64 (batch 1 for the unbatched server);
@@ -149,6 +154,23 @@ def _server(
     command = [sys.executable, "-m", "runtime", "serve", "--repository", str(repository)]
     command += ["--port", str(port), "--threads", str(threads), "--log-level", "warning"]
     command += ["--no-probe-cache"] + ([] if batching else ["--no-batching"])
+    with _process(command, port, cpus) as running:
+        yield running
+
+
+@contextmanager
+def _floor(cpus: set[int] | None = None) -> Iterator[tuple[str, int]]:
+    """The HTTP floor (:mod:`benchmarks.http_floor`) in a subprocess on ``cpus``."""
+    port = _free_port()
+    command = [sys.executable, "-m", "benchmarks.http_floor", "--port", str(port)]
+    with _process(command, port, cpus) as running:
+        yield running
+
+
+@contextmanager
+def _process(command: list[str], port: int, cpus: set[int] | None) -> Iterator[tuple[str, int]]:
+    """Start a server ``command`` listening on ``port``; yield its URL and process id once
+    ``/v2/health/ready`` answers 200; stop it after."""
     process = subprocess.Popen(command)
     if cpus is not None:
         os.sched_setaffinity(process.pid, cpus)  # its threads start later: they inherit it
@@ -292,6 +314,24 @@ def _cell(url: str, pid: int, name: str, bodies: list, concurrency: int, seconds
     }
 
 
+def _floor_cell(url: str, pid: int, bodies: list, concurrency: int, seconds: float) -> dict:
+    """One load run against the HTTP floor."""
+    server_cpu = _cpu_seconds(pid)
+    load = run(run_load(f"{url}/floor", bodies, concurrency=concurrency, duration_s=seconds,
+                        decode=False))  # fmt: skip
+    server_end = _cpu_seconds(pid)
+    cpu = None
+    if server_cpu is not None and server_end is not None and load.completed:
+        cpu = (server_end - server_cpu) / load.completed * 1e6
+    return {
+        "requests": len(load.latencies_s),
+        "errors": load.errors,
+        "throughput_rps": load.throughput,
+        "p50_ms": load.percentile_ms(50),
+        "server_cpu_us_per_request": cpu,
+    }
+
+
 def _median(values: list[Any], digits: int) -> float | None:
     numbers = [v for v in values if v is not None and v == v]  # drop None and NaN
     return round(statistics.median(numbers), digits) if numbers else None
@@ -351,10 +391,15 @@ def _check_results(url: str, name: str, local: _InProcess, pool: np.ndarray) -> 
 
 
 def _measure(
-    args: argparse.Namespace, repository: Path, cases: list, servers: dict[bool, tuple[str, int]]
-) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, float]]:
+    args: argparse.Namespace,
+    repository: Path,
+    cases: list,
+    servers: dict[bool, tuple[str, int]],
+    floor: tuple[str, int],
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, float], dict[str, Any]]:
     """Every cell, interleaved; then the in-process limits.  Returns (rows, baselines,
-    batched/unbatched ratios keyed "model/protocol/concurrency")."""
+    batched/unbatched ratios keyed "model/protocol/concurrency", the HTTP floor per
+    concurrency)."""
     rng = np.random.default_rng(0)
     models = {}
     for case in cases:
@@ -365,7 +410,14 @@ def _measure(
         models[case.network] = (local, pool, _bodies(local, pool))
     cells: dict[tuple[str, str, int, bool], list[dict[str, Any]]] = {}
     ratios: dict[str, list[float]] = {}
+    floor_cells: dict[int, list[dict[str, Any]]] = {}
+    floor_bodies = next(iter(models.values()))[2]["binary"]
     for repeat in range(args.repeats):
+        for concurrency in args.concurrency:
+            cell = _floor_cell(*floor, floor_bodies, concurrency, args.duration)
+            floor_cells.setdefault(concurrency, []).append(cell)
+            _log(f"[{repeat + 1}] HTTP floor c={concurrency:<3d} {cell['throughput_rps']:8.0f} "
+                 f"req/s  p50 {cell['p50_ms']:7.3f} ms  errors {cell['errors']}")  # fmt: skip
         modes = _MODES if repeat % 2 == 0 else _MODES[::-1]
         for name, (_, _, bodies) in models.items():
             for protocol in ("json", "binary"):
@@ -395,7 +447,16 @@ def _measure(
                 limit = local.same_batches(pool, counts, seconds) if row["batching"] else None
                 row["inprocess_same_batches_sps"] = round(limit or base["throughput"], 1)
         baselines[name] = baseline
-    return rows, baselines, {k: round(statistics.median(v), 3) for k, v in ratios.items()}
+    floor_rows = {
+        str(concurrency): {
+            key: _median([c[key] for c in found], 3)
+            for key in ("throughput_rps", "p50_ms", "server_cpu_us_per_request")
+        }
+        | {"errors": sum(c["errors"] for c in found)}
+        for concurrency, found in floor_cells.items()
+    }
+    ratios_out = {k: round(statistics.median(v), 3) for k, v in ratios.items()}
+    return rows, baselines, ratios_out, floor_rows
 
 
 def _progress(
@@ -457,6 +518,10 @@ def _cell_text(value: Any) -> str:
     return str(value)
 
 
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def _format_row(row: dict[str, Any]) -> str:
     return "  ".join(
         _cell_text(row.get(key, "")).ljust(width)
@@ -481,6 +546,13 @@ def format_report(report: dict[str, Any]) -> str:
             f"in-process onnxruntime {name} batch 1: p50 {base['p50_ms']:.3f} ms, "
             f"p99 {base['p99_ms']:.3f} ms, {base['throughput']:.0f} runs/s; "
             f"a sample costs {base['gain_at_16']:.2f}x less at batch {_GAIN_BATCH}"
+        )
+    for concurrency, floor in report["http_floor"].items():
+        lines.append(
+            f"HTTP floor (benchmarks.http_floor: uvicorn as served, an app answering 12 bytes) "
+            f"c={concurrency}: p50 {_number(floor['p50_ms'], 3)} ms, "
+            f"{_number(floor['throughput_rps'], 0)} req/s, "
+            f"server {_number(floor['server_cpu_us_per_request'], 0)} us/request"
         )
     lines.append(f"placement: {report['metadata']['placement']}")
     lines.append("")
@@ -519,8 +591,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             batching: stack.enter_context(_server(repository, args.threads, batching, server_cpus))
             for batching in _MODES
         }
+        floor = stack.enter_context(_floor(server_cpus))
         pin(client_cpus)
-        rows, baselines, ratios = _measure(args, repository, cases, servers)
+        rows, baselines, ratios, floor_rows = _measure(args, repository, cases, servers, floor)
     rows.sort(key=lambda r: (names.index(r["model"]), r["protocol"], not r["batching"],
                              r["concurrency"]))  # fmt: skip
     report = {
@@ -537,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "batching_ratios": ratios,
         "inprocess_batch1": baselines,
+        "http_floor": floor_rows,
         "targets": _targets(rows, baselines, ratios),
     }
     write_report(Path(args.out), report)

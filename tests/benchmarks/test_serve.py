@@ -41,6 +41,12 @@ def test_bench_quick(repo_root: Path, tmp_path: Path) -> None:
     assert set(report["batching_ratios"]) == {
         f"seq_bn/{p}/{c}" for p in ("json", "binary") for c in bench.QUICK_CONCURRENCY
     }
+    # the HTTP floor: answered without errors, and cheaper than the served rows
+    assert set(report["http_floor"]) == {str(c) for c in bench.QUICK_CONCURRENCY}
+    for concurrency, floor in report["http_floor"].items():
+        assert floor["errors"] == 0 and floor["throughput_rps"] > 0 and floor["p50_ms"] > 0
+        served = [r for r in report["rows"] if str(r["concurrency"]) == concurrency]
+        assert floor["throughput_rps"] > min(r["throughput_rps"] for r in served)
     baseline = report["inprocess_batch1"]["seq_bn"]
     assert baseline["p50_ms"] > 0 and baseline["gain_at_16"] > 0
     assert set(report["targets"]) == {
@@ -55,3 +61,4 @@ def test_bench_quick(repo_root: Path, tmp_path: Path) -> None:
         assert set(target) == {"value", "target", "met"}
     text = bench.format_report(report)
     assert "batched / unbatched throughput" in text and "targets:" in text
+    assert "HTTP floor" in text
