@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,7 +187,7 @@ class _InferRoute:
     """Serves ``POST`` to the infer routes with ``infer`` and the app's error responses;
     passes everything else to ``app`` (module docstring)."""
 
-    def __init__(self, app: ASGIApp, infer: Any) -> None:
+    def __init__(self, app: ASGIApp, infer: Callable[[Request], Awaitable[Response]]) -> None:
         self.app = app
         self.infer = infer
 
