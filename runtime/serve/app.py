@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from starlette._utils import get_route_path  # what Starlette's router matches (pinned version)
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -194,7 +195,7 @@ class _InferRoute:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = None
         if scope["type"] == "http" and scope["method"] == "POST":
-            match = _INFER_PATH.fullmatch(_route_path(scope))
+            match = _INFER_PATH.fullmatch(get_route_path(scope))
         if match is None:
             await self.app(scope, receive, send)
             return
@@ -207,15 +208,6 @@ class _InferRoute:
         except ClientDisconnect as exc:
             response = await _client_gone(request, exc)
         await response(scope, receive, send)
-
-
-def _route_path(scope: Scope) -> str:
-    """The path the router matches: ``path`` less a ``root_path`` prefix (as Starlette)."""
-    path: str = scope["path"]
-    root = scope.get("root_path", "")
-    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
-        return path[len(root) :]
-    return path
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -203,11 +203,10 @@ class Batcher:
         """
         loop = asyncio.get_running_loop()
         key = tuple((name, a.shape[1:]) for name, a in inputs.items())
-        idle = self._loop_slept()
         with self._ready:
             if self._closed:
                 raise ModelUnavailable(f"model '{self._model}' is shutting down")
-            here = self._runs_here(key, run_bytes, idle)
+            here = self._runs_here(key, run_bytes)
             if here:
                 self._running_here = True
             else:
@@ -228,16 +227,15 @@ class Batcher:
         if sleeping is _ANY or (sleeping == key and self._completes(queued)):
             self._ready.notify()
 
-    def _runs_here(self, key: Hashable, run_bytes: int, idle: bool) -> bool:
-        """Under the lock: whether this request takes the fast path (module docstring);
-        ``idle``: the event loop slept since it last answered this model."""
+    def _runs_here(self, key: Hashable, run_bytes: int) -> bool:
+        """Under the lock: whether this request takes the fast path (module docstring)."""
         busy = self._pending or self._running_here or self._worker_busy
         if busy or run_bytes >= SHRINK_ABOVE_BYTES:
             return False
         last = self._alone_ns.get(key)
         if last is None or last > INLINE_MAX_S * 1e9:
             return False
-        return self._batching is None or idle or self.policy.alone(key)
+        return self._batching is None or self._loop_slept() or self.policy.alone(key)
 
     def _loop_slept(self) -> bool:
         """On an event loop: whether, since it last answered this model, it spent at least
@@ -253,7 +251,10 @@ class Batcher:
         return off >= IDLE_MIN_S * 1e9
 
     def _mark_answered(self) -> None:
-        """On an event loop, once it has a request's answer (see :meth:`_loop_slept`)."""
+        """On an event loop, once it has a request's answer (see :meth:`_loop_slept`; not
+        needed without dynamic batching)."""
+        if self._batching is None:
+            return
         self._answered = (threading.get_ident(), time.perf_counter_ns(), time.thread_time_ns())
 
     def _run_here(self, key: Hashable, inputs: dict[str, np.ndarray]) -> Result:
