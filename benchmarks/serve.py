@@ -22,7 +22,9 @@ puts them).
 The *HTTP floor* (:mod:`benchmarks.http_floor`: the service's uvicorn settings and protocol
 serving an app that answers 12 fixed bytes, in its own process on the servers' CPUs) is driven
 the same way, at every concurrency, in every repeat: what HTTP, loopback TCP, the client and the
-machine's wake-ups cost before any handler runs.
+machine's wake-ups cost before any handler runs.  The servers busy poll as the service does by
+default (``--busy-poll-us``, :mod:`runtime.serve.busypoll`); the floor does not, so its latency
+at concurrency 1 includes the wake-up of a sleeping event loop that polling avoids.
 
 In-process onnxruntime (the server's session options, same inputs) gives the limits: batch-1
 latency (the p50 overhead at concurrency 1 is the served p50 minus it) and the throughput of
@@ -62,6 +64,7 @@ from benchmarks.cases import SERVED, served_cases
 from benchmarks.loadgen import build_body, decode_output, pin, run, run_load
 from benchmarks.report import environment, verdict, write_report
 from benchmarks.servers import stop
+from normport.runtime.serve.busypoll import DEFAULT_WINDOW_S
 
 __all__ = ["CONCURRENCY", "TARGETS", "format_report", "main"]
 
@@ -98,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="0.2 s cells, concurrency 1 and 16, one round"
     )
     p.add_argument("--no-pin", action="store_true", help="leave CPU placement to the OS")
+    p.add_argument(
+        "--busy-poll-us", type=int, default=round(DEFAULT_WINDOW_S * 1e6), metavar="US",
+        help="the servers' --busy-poll-us (default: the server's, %(default)s)",
+    )  # fmt: skip
     served = ",".join(case.network for case in SERVED)
     p.add_argument("--models", help=f"comma-separated subset of {served} (default: all)")
     return p
@@ -146,13 +153,18 @@ def _cpu_seconds(pid: int) -> float | None:
 
 @contextmanager
 def _server(
-    repository: Path, threads: int, batching: bool, cpus: set[int] | None = None
+    repository: Path,
+    threads: int,
+    batching: bool,
+    cpus: set[int] | None = None,
+    busy_poll_us: int = round(DEFAULT_WINDOW_S * 1e6),
 ) -> Iterator[tuple[str, int]]:
     """``python -m runtime serve`` in a subprocess (its own GIL and event loop) on ``cpus``;
     yields its URL and process id."""
     port = _free_port()
     command = [sys.executable, "-m", "runtime", "serve", "--repository", str(repository)]
     command += ["--port", str(port), "--threads", str(threads), "--log-level", "warning"]
+    command += ["--busy-poll-us", str(busy_poll_us)]
     command += ["--no-probe-cache"] + ([] if batching else ["--no-batching"])
     with _process(command, port, cpus) as running:
         yield running
@@ -588,7 +600,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             _log(f"exporting {', '.join(missing)} ...")
             _export(missing, repository)
         servers = {
-            batching: stack.enter_context(_server(repository, args.threads, batching, server_cpus))
+            batching: stack.enter_context(
+                _server(repository, args.threads, batching, server_cpus, args.busy_poll_us)
+            )
             for batching in _MODES
         }
         floor = stack.enter_context(_floor(server_cpus))
@@ -604,6 +618,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "repeats": args.repeats,
             "quick": args.quick,
             "placement": placement,
+            "busy_poll_us": args.busy_poll_us,
             "client": "benchmarks.loadgen closed loop, one sample per request, same host",
             "elapsed_s": round(time.perf_counter() - started, 1),
         },

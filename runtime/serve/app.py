@@ -9,7 +9,8 @@ middleware but Starlette's 500 handler): matching every route in turn, its excep
 the endpoint wrapper cost about 45 us per request on a 2-core VM, as much as the whole request
 path of a small model besides its parse and run.  Only ``POST`` to an infer path is taken
 there, with the same handler and error responses; anything else, a ``GET`` to an infer path
-included (405), goes through the router.
+included (405), goes through the router.  It is also where the event loop busy polls after an
+answer (:mod:`runtime.serve.busypoll`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from normport.export.about import version
-from normport.runtime.serve import inference
+from normport.runtime.serve import busypoll, inference
 from normport.runtime.serve.admission import Budget
 from normport.runtime.serve.body import DEFAULT_MAX_BODY_BYTES, read_body
 from normport.runtime.serve.errors import BadRequest, ServeError, ServerNotReady, http_status
@@ -185,12 +186,19 @@ _INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[
 
 
 class _InferRoute:
-    """Serves ``POST`` to the infer routes with ``infer`` and the app's error responses;
-    passes everything else to ``app`` (module docstring)."""
+    """Serves ``POST`` to the infer routes with ``infer`` and the app's error responses, busy
+    polling for ``busy_poll_s`` after each answer (0: never); passes everything else to ``app``
+    (module docstring)."""
 
-    def __init__(self, app: ASGIApp, infer: Callable[[Request], Awaitable[Response]]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        infer: Callable[[Request], Awaitable[Response]],
+        busy_poll_s: float = busypoll.DEFAULT_WINDOW_S,
+    ) -> None:
         self.app = app
         self.infer = infer
+        self.busy_poll_s = busy_poll_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = None
@@ -199,6 +207,8 @@ class _InferRoute:
         if match is None:
             await self.app(scope, receive, send)
             return
+        if self.busy_poll_s:
+            busypoll.on_arrival()
         scope["path_params"] = {k: v for k, v in match.groupdict().items() if v is not None}
         request = Request(scope, receive, send)
         try:
@@ -208,6 +218,8 @@ class _InferRoute:
         except ClientDisconnect as exc:
             response = await _client_gone(request, exc)
         await response(scope, receive, send)
+        if self.busy_poll_s:
+            busypoll.after_answer(self.busy_poll_s)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -227,6 +239,7 @@ def create_app(
     model_memory_budget: int | None = None,
     load_timeout: float = DEFAULT_LOAD_TIMEOUT_S,
     probe_cache: str | os.PathLike | None = None,
+    busy_poll_s: float = busypoll.DEFAULT_WINDOW_S,
 ) -> Starlette:
     """Load every model of ``repository`` and return the ASGI app serving them.
 
@@ -245,6 +258,9 @@ def create_app(
         load_timeout: seconds each model may take to load in its probe process.
         probe_cache: folder of kept probe results, so that a restart skips the probes of
             unchanged models (:mod:`runtime.serve.probe_cache`); None: probe every model.
+        busy_poll_s: seconds the event loop polls without sleeping after answering an infer
+            request whose client came back within that time (:mod:`runtime.serve.busypoll`;
+            0: never).
 
     Raises:
         ValueError: ``repository`` is not a folder, or a bad option.
@@ -260,6 +276,12 @@ def create_app(
     ):
         if value is not None and not value > 0:
             raise ValueError(f"{option} must be > 0, got {value}")
+    number = isinstance(busy_poll_s, int | float) and not isinstance(busy_poll_s, bool)
+    if not (number and 0 <= busy_poll_s <= busypoll.MAX_WINDOW_S):
+        raise ValueError(
+            f"busy_poll_s must be a number of seconds in [0, {busypoll.MAX_WINDOW_S:g}], "
+            f"got {busy_poll_s!r}"
+        )
     memory_budget = memory_budget or default_memory_budget()
     memory = Budget("the server's memory budget", memory_budget, "--memory-budget")
     metrics = Metrics()
@@ -284,7 +306,7 @@ def create_app(
 
     app = Starlette(
         routes=routes(handlers),
-        middleware=[Middleware(_InferRoute, infer=handlers.infer)],
+        middleware=[Middleware(_InferRoute, infer=handlers.infer, busy_poll_s=busy_poll_s)],
         exception_handlers={
             ServeError: _serve_error,
             HTTPException: _http_error,

@@ -8,8 +8,18 @@ import math
 from pathlib import Path
 
 from normport.runtime.serve.admission import parse_bytes
+from normport.runtime.serve.busypoll import MAX_WINDOW_S as MAX_BUSY_POLL_S
 
-__all__ = ["folder", "non_negative", "port", "positive", "seconds", "size", "writable_file"]
+__all__ = [
+    "busy_poll_us",
+    "folder",
+    "non_negative",
+    "port",
+    "positive",
+    "seconds",
+    "size",
+    "writable_file",
+]
 
 
 def _int(text: str) -> int:
@@ -30,6 +40,15 @@ def non_negative(text: str) -> int:
     value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def busy_poll_us(text: str) -> int:
+    """Microseconds of busy polling, 0 to :data:`runtime.serve.busypoll.MAX_WINDOW_S`."""
+    value = _int(text)
+    most = round(MAX_BUSY_POLL_S * 1e6)
+    if not 0 <= value <= most:
+        raise argparse.ArgumentTypeError(f"must be 0-{most} microseconds (0: never), got {value}")
     return value
 
 

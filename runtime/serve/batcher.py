@@ -39,8 +39,9 @@ last run alone took at most :data:`INLINE_MAX_S`, and that has nobody to merge w
 once on the event loop's own thread.  Nobody to merge with: no dynamic batching; or
 :meth:`~runtime.serve.merge_policy.MergePolicy.alone` (merging is measured not to pay); or the
 event loop has *slept* since it last answered this model (of the wall time since then, at
-least :data:`IDLE_MIN_S` was not the loop thread's CPU time): it waited in its selector with
-every request read, so no backlog holds a request to merge with (a lone client, say; Triton
+least :data:`IDLE_MIN_S` was not the loop thread's CPU time; or, busy polling, a poll found
+nothing to do, :mod:`runtime.serve.busypoll`): it waited in its selector with every request
+read, so no backlog holds a request to merge with (a lone client, say; Triton
 likewise runs at once a request that finds its model idle when ``max_queue_delay`` is 0).
 Under load the loop never sleeps between requests, so they queue and merge; a burst that
 wakes a sleeping loop runs its first request alone and merges the rest behind it.
@@ -80,6 +81,7 @@ import numpy as np
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from normport.runtime.messages import first_line
+from normport.runtime.serve import busypoll
 from normport.runtime.serve.errors import BadRequest, InferenceFailed, ModelUnavailable, ServeError
 from normport.runtime.serve.merge_policy import LearnedMerge, MergePolicy
 from normport.runtime.serve.session import SHRINK_ABOVE_BYTES, Session
@@ -217,8 +219,10 @@ class Batcher:
         return await item.future
 
     def _enqueue(self, item: _Pending) -> None:
-        """Under the lock: queue ``item``, waking the worker when it waits for it."""
+        """Under the lock: queue ``item``, waking the worker when it waits for it (and holding
+        off event loops' busy polling until the worker is idle again)."""
         self._pending.append(item)
+        busypoll.hold(self)
         key = item.key
         queued = self._queued_samples[key] = self._queued_samples[key] + item.batch_size
         if self._thread is None or not self._thread.is_alive():
@@ -241,12 +245,16 @@ class Batcher:
         """On an event loop: whether, since it last answered this model, it spent at least
         :data:`IDLE_MIN_S` of wall time off its CPU,
 
-        ``(wall - wall_0) - (cpu - cpu_0) >= IDLE_MIN_S``, the loop thread's clocks
+        ``(wall - wall_0) - (cpu - cpu_0) >= IDLE_MIN_S``, the loop thread's clocks,
 
-        (False on another thread than the one that answered last: nothing is known there)."""
+        or, busy polling instead of sleeping, polled and found nothing to do
+        (:func:`runtime.serve.busypoll.idle_since_ns`).  False on another thread than the one
+        that answered last: nothing is known there."""
         thread, wall, cpu = self._answered
         if thread != threading.get_ident():
             return False
+        if busypoll.idle_since_ns() > wall:
+            return True
         off = (time.perf_counter_ns() - wall) - (time.thread_time_ns() - cpu)
         return off >= IDLE_MIN_S * 1e9
 
@@ -349,6 +357,8 @@ class Batcher:
         the next request of a client it answers finds it idle (and may take the fast path)."""
         with self._ready:
             self._worker_busy = False
+            if not self._pending:
+                busypoll.release(self)
         outbox, self._outbox = self._outbox, []
         for loop, callback, args in outbox:
             _call_soon(loop, callback, *args)

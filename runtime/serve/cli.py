@@ -22,7 +22,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from normport.runtime.serve import argtypes
+from normport.runtime.serve import argtypes, busypoll
 from normport.runtime.serve.admission import format_bytes
 from normport.runtime.serve.app import create_app
 from normport.runtime.serve.body import DEFAULT_MAX_BODY_BYTES
@@ -117,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
         help="turn dynamic batching off (default: on where config.pbtxt asks for it)",
     )  # fmt: skip
     p.add_argument(
+        "--busy-poll-us", type=argtypes.busy_poll_us,
+        default=round(busypoll.DEFAULT_WINDOW_S * 1e6), metavar="US",
+        help="after answering an infer request whose client came back within this many "
+        "microseconds, poll for the next one without sleeping for as long (lower latency for "
+        "a close client, at most that much CPU per request); 0: never (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
         "--strict-readiness", action="store_true",
         help="ready only when every model loaded (default: ready when the server is up)",
     )  # fmt: skip
@@ -184,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_memory_budget=args.model_memory_budget,
             load_timeout=args.load_timeout,
             probe_cache=None if args.no_probe_cache else args.probe_cache,
+            busy_poll_s=args.busy_poll_us / 1e6,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -85,6 +85,10 @@ def test_runtime_rejects_a_missing_or_unknown_command(argv, message, capsys) -> 
         (["--memory-budget", "lots"], r"argument --memory-budget: 'lots' is not a size"),
         (["--load-timeout", "soon"], r"argument --load-timeout: must be a number of seconds > 0, "
          r"got soon"),
+        (["--busy-poll-us", "10001"], r"argument --busy-poll-us: must be 0-10000 microseconds "
+         r"\(0: never\), got 10001"),
+        (["--busy-poll-us", "-1"], r"argument --busy-poll-us: must be 0-10000 microseconds"),
+        (["--busy-poll-us", "0.5"], r"argument --busy-poll-us: expected an integer, got '0.5'"),
     ],
 )  # fmt: skip
 def test_serve_rejects_bad_arguments_in_one_line(

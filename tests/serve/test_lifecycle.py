@@ -4,6 +4,7 @@ connection limits' settings (their enforcement: tests/serve/abuse/test_protocol_
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import socket
 import threading
@@ -169,6 +170,15 @@ def test_strict_readiness(repo_root: Path, small_repo: Path) -> None:
 def test_limits_reject_bad_values(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         HttpLimits(**{field: value})
+
+
+@pytest.mark.parametrize("value", [-1e-6, 0.011, float("nan"), "0.001", True])
+def test_create_app_rejects_a_bad_busy_poll_window(value: object, small_repo: Path) -> None:
+    message = r"busy_poll_s must be a number of seconds in \[0, 0.01\], got " + re.escape(
+        repr(value)
+    )
+    with pytest.raises(ValueError, match=message):
+        create_app(small_repo, busy_poll_s=value)  # type: ignore[arg-type]
 
 
 def test_limits_reach_uvicorn() -> None:
