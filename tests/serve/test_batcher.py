@@ -41,6 +41,18 @@ class FakeSession:
         return {"y": x * 2}
 
 
+_MODE = {"on_loop": False}
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["worker", "loop mode"])
+def mode(request: pytest.FixtureRequest):
+    """Every test runs with the worker thread taking the queue, and in loop mode (the event
+    loop taking it wherever it may, as on one CPU)."""
+    _MODE["on_loop"] = request.param
+    yield request.param
+    _MODE["on_loop"] = False
+
+
 def batcher(
     session: FakeSession,
     batching: Batching | None,
@@ -52,7 +64,7 @@ def batcher(
     policy = policy or AlwaysMerge(max_batch_size)
     b = Batcher(session, "fake:1", max_batch_size=max_batch_size, batching=batching,
                 on_execution=executions.append, max_batch_bytes=max_batch_bytes,
-                policy=policy)  # fmt: skip
+                policy=policy, on_loop=_MODE["on_loop"])  # fmt: skip
     b.executions = executions  # type: ignore[attr-defined]
     return b
 
@@ -396,12 +408,15 @@ def flat_costs() -> LearnedMerge:
 
 
 @pytest.mark.parametrize("policy", [None, flat_costs()], ids=["no batching", "learned limit 1"])
-def test_a_short_run_at_an_idle_batcher_runs_on_the_callers_thread(policy, monkeypatch) -> None:
+def test_a_short_run_at_an_idle_batcher_runs_on_the_callers_thread(
+    policy, monkeypatch, mode
+) -> None:
     """The first run of a key goes through the worker (which measures it); after that, a
     request that finds the batcher idle runs on the event loop's thread, with the same answer
     and one execution counted per run; with a learned policy, one request in EXPLORE_EVERY
-    still goes through the worker.  (The bound on a run's length is lifted: on a loaded
-    machine a preempted run may take over 1 ms.)"""
+    still goes through the worker, except in loop mode, where the queue is the loop's too.
+    (The bound on a run's length is lifted: on a loaded machine a preempted run may take over
+    1 ms.)"""
     from normport.runtime.serve import batcher as module
     from normport.runtime.serve.merge_policy import EXPLORE_EVERY
 
@@ -418,20 +433,23 @@ def test_a_short_run_at_an_idle_batcher_runs_on_the_callers_thread(policy, monke
         np.testing.assert_array_equal(result.outputs["y"], request(1.0 + i)["x"] * 2)
     on_loop = [t is loop_thread for t in session.threads]
     assert not on_loop[0]  # the first run of the key: the worker
-    # the worker also takes a request that comes before it is back asleep (timing-dependent)
-    least_on_worker = 1 if policy is None else 2  # + the one in EXPLORE_EVERY
-    assert least_on_worker <= on_loop.count(False) <= len(on_loop) // 2
+    if mode:  # loop mode: the worker runs nothing else
+        assert on_loop.count(False) == 1
+    else:  # it also takes a request that comes before it is back asleep (timing-dependent)
+        least_on_worker = 1 if policy is None else 2  # + the one in EXPLORE_EVERY
+        assert least_on_worker <= on_loop.count(False) <= len(on_loop) // 2
     assert len(b.executions) == len(results) == len(session.batches)
 
 
 def test_after_the_loop_slept_a_request_runs_on_its_thread_even_where_merging_pays(
-    monkeypatch,
+    monkeypatch, mode
 ) -> None:
     """Under AlwaysMerge (merging always pays, so no key ever runs alone): a request that
     comes after its event loop slept (a lone client's round trip) has nobody to merge with and
     runs on the loop's thread; requests that come back to back, the loop never off its CPU
-    between an answer and the next request (a backlog), queue for the worker.  (The bound on
-    a run's length is lifted: on a loaded machine a preempted run may take over 1 ms.)"""
+    between an answer and the next request (a backlog), queue for the worker, or in loop mode
+    for the loop's own drain.  (The bound on a run's length is lifted: on a loaded machine a
+    preempted run may take over 1 ms.)"""
     from normport.runtime.serve import batcher as module
 
     monkeypatch.setattr(module, "INLINE_MAX_S", 10.0)
@@ -453,7 +471,7 @@ def test_after_the_loop_slept_a_request_runs_on_its_thread_even_where_merging_pa
     on_loop = [t is loop_thread for t in session.threads]
     assert not on_loop[0]
     # back to back: the worker (one may be taken inline if the loop thread was preempted)
-    assert on_loop[1:9].count(False) >= 6
+    assert on_loop[1:9].count(False) >= 6 if not mode else all(on_loop[1:9])
     assert all(on_loop[9:])  # after a sleep: every one inline
     assert len(b.executions) == 17
 
@@ -578,3 +596,37 @@ def test_runs_from_several_event_loops_never_overlap() -> None:
     assert len(session.batches) == 120
     client_threads = {t.ident for t in threads}
     assert any(t.ident in client_threads for t in session.threads)  # some ran on a loop
+
+
+def test_a_policy_failing_to_plan_a_batch_fails_every_queued_request() -> None:
+    """The plan comes before the oldest request leaves the queue: a policy that fails there
+    fails every queued request (none is lost, waiting forever), and serving goes on."""
+
+    class FailingPlan(Limit):
+        broken = False
+
+        def plan(self, key, queued: int) -> int:
+            if self.broken:
+                raise RuntimeError("plan bug")
+            return self.value
+
+    session = FakeSession()
+    policy = FailingPlan(8)
+    b = batcher(session, SLOW, policy=policy)
+
+    async def run() -> list:
+        first = asyncio.ensure_future(b.infer(request(0), 1))
+        await asyncio.to_thread(session.entered.wait, 10)
+        policy.broken = True
+        rest = [asyncio.ensure_future(b.infer(request(i), 1)) for i in range(1, 4)]
+        await asyncio.sleep(0.01)
+        session.gate.set()
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+        policy.broken = False
+        again = await b.infer(request(5), 1)
+        np.testing.assert_array_equal(again.outputs["y"], request(5)["x"] * 2)
+        return results
+
+    results = asyncio.run(asyncio.wait_for(run(), 10))
+    np.testing.assert_array_equal(results[0].outputs["y"], request(0)["x"] * 2)
+    assert all(isinstance(r, InferenceFailed) and "plan bug" in str(r) for r in results[1:])

@@ -1,13 +1,21 @@
 """64 concurrent tritonclient.aio clients against the real server: every response is its own
 input's direct onnxruntime result (bit for bit), no errors, and the statistics prove that
-requests were batched."""
+requests were batched; with onnxruntime's runs taken by a worker thread per model, and in
+loop mode (the event loop takes them, as where the process has one CPU)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
+import pytest
+import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
+
+from normport.runtime.serve import batcher, create_app
+from normport.runtime.serve.server import BackgroundServer
 
 CLIENTS = 64
 PER_CLIENT = 3
@@ -35,7 +43,28 @@ def stats(client, model: str) -> tuple[int, int]:
     return s["inference_count"], s["execution_count"]
 
 
+@pytest.fixture(scope="module")
+def loop_mode_server(repo_root: Path) -> Iterator[BackgroundServer]:
+    """A server whose batchers run in loop mode: the process is made to look like one CPU."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batcher, "one_cpu", lambda: True)
+        with BackgroundServer(create_app(repo_root, threads=1)) as running:
+            yield running
+
+
 def test_64_concurrent_clients(server, client, reference) -> None:
+    run_clients(server, client, reference)
+
+
+def test_64_concurrent_clients_in_loop_mode(loop_mode_server, reference) -> None:
+    c = triton.InferenceServerClient(loop_mode_server.url, network_timeout=30)
+    try:
+        run_clients(loop_mode_server, c, reference)
+    finally:
+        c.close()
+
+
+def run_clients(server, client, reference) -> None:
     plan = {(i, k): workload(i, k) for i in range(CLIENTS) for k in range(PER_CLIENT)}
     expected = {key: reference(m, {name: x}) for key, (m, name, _, x) in plan.items()}
     before = {m: stats(client, m) for m in ("cnn_bn", "transformer_ln")}
