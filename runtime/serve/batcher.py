@@ -55,13 +55,17 @@ One run is still in flight at a time: the worker waits while a run on the loop h
 *Loop mode* (where the process may use one CPU and onnxruntime computes in the calling thread,
 or ``on_loop=True``): the worker thread cannot run beside the event loop, only instead of it,
 so handing it a run buys nothing and costs the two wake-ups.  There the queue is the loop's
-too: a request that cannot run at once is queued, and a *drain* scheduled on its loop with
-``call_soon`` runs the queue after the loop has read every request that arrived meanwhile:
+too: a request that cannot run at once is queued, and a *drain* scheduled with ``call_soon``
+on the caller's loop (from the worker, on each loop with a request queued; any loop drains
+every request) runs the queue after the loop has read every request that arrived meanwhile:
 merged as the worker would merge them (the policy's plan, the byte budget), waiting for a batch
 (the config's delay, while the policy says company comes) with a loop timer instead of a
 condition variable, and telling the policy each run's cost with no hand-over.  What the worker
-still takes: a key's first run, runs longer than :data:`INLINE_MAX_S`, large runs, and
-everything once the batcher is closing.  Served on one CPU, seq_bn at concurrency 64 (one
+still takes: a key's first run, keys whose last run alone took longer than
+:data:`INLINE_MAX_S` (a merged batch on the loop may take longer), requests estimated above
+:data:`~runtime.serve.session.SHRINK_ABOVE_BYTES` (a merged batch that is trims the heap on
+the loop), requests of a loop that is not running, and everything once the batcher is
+closing.  Served on one CPU, seq_bn at concurrency 64 (one
 interleaved run, batched / unbatched throughput): binary 1.58 with the worker, 1.59 in loop
 mode; JSON 1.07 vs 1.45.
 
@@ -199,8 +203,8 @@ class Batcher:
         single = getattr(session, "single_threaded", False)
         self._clock = time.thread_time_ns if single else time.perf_counter_ns
         self._on_loop = single and one_cpu() if on_loop is None else on_loop
-        # Everything below is guarded by _ready (a condition over one lock), which the event
-        # loop holds only to append a request, the worker only to pick a batch.
+        # Everything below is guarded by _ready (a condition over one lock), which an event
+        # loop holds to append a request or pick a batch (loop mode), the worker to pick one.
         self._ready = threading.Condition()
         self._pending: collections.deque[_Pending] = collections.deque()
         self._queued_samples: collections.Counter[Hashable] = collections.Counter()
@@ -217,10 +221,11 @@ class Batcher:
         self._alone_ns: collections.OrderedDict[Hashable, int] = collections.OrderedDict()
         # when an event loop last answered a request of this model: (thread, wall, thread CPU)
         self._answered: tuple[int, int, int] = (0, 0, 0)
-        # loop mode: a drain is scheduled with call_soon; a timer for a batch's delay is armed;
-        # the request whose batch is being waited for, and its key's samples queued then
-        self._drain_soon = False
-        self._timer: asyncio.TimerHandle | None = None
+        # loop mode: the loops a drain is scheduled on (call_soon); the loop a timer for a
+        # batch's delay is armed on; the request whose batch is waited for, and its key's
+        # samples queued then
+        self._drains: set[asyncio.AbstractEventLoop] = set()
+        self._timer_on: asyncio.AbstractEventLoop | None = None
         self._wait: tuple[_Pending, int] | None = None
 
     async def infer(
@@ -285,12 +290,18 @@ class Batcher:
         if not self._on_loop or self._closed or item.run_bytes >= SHRINK_ABOVE_BYTES:
             return False
         last = self._alone_ns.get(item.key)
-        return last is not None and last <= INLINE_MAX_S * 1e9 and not item.loop.is_closed()
+        return last is not None and last <= INLINE_MAX_S * 1e9 and item.loop.is_running()
 
     def _schedule_drain(self) -> None:
-        """Under the lock: :meth:`_drain` on the oldest request's loop, unless scheduled."""
-        if not self._drain_soon:
-            self._drain_soon = _call_soon(self._pending[0].loop, self._drain)
+        """Under the lock: :meth:`_drain` soon on the calling event loop; from the worker, on
+        every running loop with a request queued (any loop drains every request: should one
+        stop before its drain runs, another's still does).  A loop with a drain scheduled gets
+        no second one."""
+        here = asyncio._get_running_loop()
+        loops = {here} if here is not None else {item.loop for item in self._pending}
+        for loop in loops - self._drains:
+            if loop.is_running() and _call_soon(loop, self._drain):
+                self._drains.add(loop)
 
     def _runs_here(self, key: Hashable, run_bytes: int) -> bool:
         """Under the lock: whether this request takes the fast path (module docstring)."""
@@ -458,7 +469,7 @@ class Batcher:
         a batch with a timer, not a thread."""
         loop = asyncio.get_running_loop()
         with self._ready:
-            self._drain_soon = False
+            self._drains.discard(loop)
         while True:
             try:
                 picked = self._pick_for_loop(loop)
@@ -474,6 +485,7 @@ class Batcher:
                 return
             batch, taken, cost_from = picked
             outbox: list[_Answer] = []
+            leaving = False
             try:
                 self._execute(batch, taken, cost_from, outbox, 0.0)  # no hand-over
             except BaseException as error:  # a bug: nobody may wait forever
@@ -481,10 +493,13 @@ class Batcher:
                 for item in batch:
                     self._send_failure(outbox, item, _as_serve_error(error, self._model))
                 if not isinstance(error, Exception):
+                    leaving = True
                     raise
             finally:
                 with self._ready:
                     self._running_here = False
+                    if leaving and self._pending:
+                        self._resume()  # this drain ends here: hand the queue on
                 for target, callback, args in outbox:
                     if target is loop:
                         callback(*args)
@@ -507,16 +522,20 @@ class Batcher:
             if self._batching is not None:
                 wait_ns = self._batch_wait_ns(self._batching)
                 if wait_ns > 0:
-                    if self._timer is None:
-                        self._timer = loop.call_later(wait_ns / 1e9, self._on_timer)
+                    timer_on = self._timer_on
+                    if timer_on is None or not timer_on.is_running():  # none, or lost
+                        self._timer_on = loop
+                        loop.call_later(wait_ns / 1e9, self._on_timer, loop)
                     return None
             taken, cost_from = time.perf_counter_ns(), self._clock()
             batch = self._take()
             self._running_here = True
             return batch, taken, cost_from
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._ready:
+            if self._timer_on is loop:
+                self._timer_on = None
         self._drain()
 
     def _batch_wait_ns(self, batching: Batching) -> int:
@@ -688,7 +707,10 @@ def _deliver(
 ) -> None:
     """On the requests' event loop: count the run, answer every request still waiting."""
     if on_execution is not None:
-        on_execution(execution)
+        try:
+            on_execution(execution)
+        except Exception:  # statistics must not keep anyone from an answer
+            log.exception("recording a run failed")
     for item, own in answers:
         if not item.future.done():  # the client may have gone away
             item.future.set_result(Result(own, dispatched_ns - item.enqueued_ns, execution))

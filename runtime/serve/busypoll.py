@@ -30,9 +30,9 @@ worker until the worker is idle again.
 Whether the loop is idle: a polling loop never sleeps, so "the loop slept since it last
 answered" (the batcher's test for a request with nobody to merge with) also counts a poll that
 found nothing to do, :func:`idle_since_ns`: two polling callbacks at most
-:data:`EMPTY_POLL_S` apart, with nothing run between them.
+:data:`EMPTY_POLL_S` apart (an iteration that short read no request).
 
-State is per event-loop thread (a thread runs at most one loop); the holds are process-wide,
+State is per event-loop thread (a thread runs one loop at a time); the holds are process-wide,
 since every thread shares the CPUs.
 """
 

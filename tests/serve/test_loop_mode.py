@@ -7,6 +7,7 @@ loop mode does.)  The oracle for where a run happened is the thread it ran on.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -190,3 +191,93 @@ def test_a_failing_policy_fails_the_queue_on_the_loop_then_serving_goes_on() -> 
     for v, r in zip(range(1, 6), results, strict=True):  # one may have run alone, at once
         if not isinstance(r, BaseException):
             np.testing.assert_array_equal(r.outputs["y"], x(v)["x"] * 2)
+
+
+class TwoSpeeds(Recording):
+    """``y = 2 * x``: width-5 requests take ``slow_s``, width-3 ones no time."""
+
+    def __init__(self, slow_s: float) -> None:
+        super().__init__()
+        self.slow_s = slow_s
+
+    def run(self, feeds: dict[str, np.ndarray], *, shrink: bool = False) -> dict[str, np.ndarray]:
+        if feeds["x"].shape[1] == 5:
+            time.sleep(self.slow_s)
+        return super().run(feeds, shrink=shrink)
+
+
+def stopped_with_work_queued(b: Batcher, blocker: threading.Event | None = None) -> None:
+    """On a loop of its own: queue a request, then stop and close the loop before anything it
+    has scheduled runs (its caller gave up; its drains and timers are thrown away).  With
+    ``blocker``, the loop thread waits for it first, still running (a loop busy elsewhere)."""
+    loop = asyncio.new_event_loop()
+
+    def block_then_stop() -> None:
+        assert blocker is not None
+        blocker.wait(10)
+        loop.stop()  # what was scheduled meanwhile never runs
+
+    async def main() -> None:
+        pending = asyncio.ensure_future(b.infer(x(-1.0), 1))
+        await asyncio.sleep(0.005)  # queued, its drain run (the model was busy) or timer armed
+        if blocker is not None:
+            loop.call_soon(block_then_stop)
+            await asyncio.sleep(1)  # stopped before this ends
+        pending.cancel()
+
+    with contextlib.suppress(RuntimeError):  # "Event loop stopped before Future completed."
+        loop.run_until_complete(main())
+    loop.close()
+
+
+def test_a_loop_that_stops_with_requests_queued_holds_up_no_other_loop() -> None:
+    """Loop A queues a request behind a slow run and stops while a drain is scheduled on it;
+    loop B's request queued meanwhile is answered, and so are later requests of loop C that
+    have to queue (nothing is left waiting for a drain that will never run)."""
+    session = TwoSpeeds(slow_s=0.3)
+    b = make(session, Batching((), max_queue_delay_s=0.0))
+    b_queued = threading.Event()
+
+    async def warm_then_hold_the_worker() -> None:
+        await all_answered(b, [0.0])
+        slow = asyncio.ensure_future(b.infer({"x": np.ones((1, 5), np.float32)}, 1))
+        await asyncio.sleep(0.02)  # the worker runs the slow key's first run
+        a = threading.Thread(target=stopped_with_work_queued, args=(b, b_queued))
+        a.start()
+        await asyncio.sleep(0.05)
+        b_request = asyncio.ensure_future(b.infer(x(2.0), 1))  # queued behind A's
+        await asyncio.sleep(0.005)
+        b_queued.set()
+        a.join(10)
+        await slow
+        np.testing.assert_array_equal((await b_request).outputs["y"], x(2.0)["x"] * 2)
+
+    asyncio.run(asyncio.wait_for(warm_then_hold_the_worker(), 10))
+
+    async def later_client() -> None:  # loop C: requests that queue behind each other
+        for _ in range(3):
+            await all_answered(b, [3.0, 4.0, 5.0, 6.0])
+        await b.close()
+
+    asyncio.run(asyncio.wait_for(later_client(), 10))
+
+
+def test_a_batch_delay_timer_lost_with_its_loop_is_armed_again() -> None:
+    """Loop A's request waits for a batch with a timer on A, and A closes before it fires;
+    later requests that wait for a batch on loop B still run when their delay is over."""
+    session = Recording()
+    b = make(session, Batching((8,), max_queue_delay_s=0.05))
+
+    async def warm() -> None:
+        await all_answered(b, [0.0])
+
+    asyncio.run(warm())
+    stopped_with_work_queued(b)
+
+    async def waiting_client() -> None:
+        for _ in range(3):
+            await all_answered(b, [1.0, 2.0, 3.0])
+        await b.close()
+
+    asyncio.run(asyncio.wait_for(waiting_client(), 10))
+    assert sum(n for n, _ in session.runs) >= 1 + 9
