@@ -630,3 +630,21 @@ def test_a_policy_failing_to_plan_a_batch_fails_every_queued_request() -> None:
     results = asyncio.run(asyncio.wait_for(run(), 10))
     np.testing.assert_array_equal(results[0].outputs["y"], request(0)["x"] * 2)
     assert all(isinstance(r, InferenceFailed) and "plan bug" in str(r) for r in results[1:])
+
+
+def test_a_failing_statistics_callback_keeps_no_request_from_its_answer(caplog) -> None:
+    """Every answer is delivered, and the failure logged, when recording a run raises: for a
+    run on the worker, and for runs merged from the queue."""
+
+    def broken(execution: Execution) -> None:
+        raise RuntimeError("statistics bug")
+
+    session = FakeSession()
+    b = Batcher(session, "fake:1", max_batch_size=8, batching=SLOW, on_execution=broken,
+                policy=AlwaysMerge(8), on_loop=_MODE["on_loop"])  # fmt: skip
+    requests = [request(i) for i in range(5)]
+    results = asyncio.run(asyncio.wait_for(queue_behind_first(b, session, requests), 10))
+    for r, result in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(result.outputs["y"], r["x"] * 2)
+    assert session.batches == [1, 4]
+    assert "recording a run failed" in caplog.text and "statistics bug" in caplog.text
