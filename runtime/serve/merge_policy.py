@@ -157,11 +157,19 @@ class ShapeCosts:
         if samples < 1:
             return
         b = bucket(samples, self.max_batch_size)
-        costs = self._costs.setdefault(b, collections.deque(maxlen=WINDOW))
-        costs.append(seconds / samples)
-        if len(costs) >= MIN_RUNS:
-            self._least[b] = min(costs)
-            self._limit = self._decide()
+        costs = self._costs.get(b)
+        if costs is None:
+            costs = self._costs[b] = collections.deque(maxlen=WINDOW)
+        per_sample = seconds / samples
+        evicted = costs[0] if len(costs) == WINDOW else None
+        costs.append(per_sample)
+        if len(costs) < MIN_RUNS:
+            return
+        least = self._least.get(b)
+        if least is not None and per_sample >= least and (evicted is None or evicted > least):
+            return  # u(b) is unchanged, and so is the decision (it depends on u alone)
+        self._least[b] = min(costs)
+        self._limit = self._decide()
 
     def per_sample(self, b: int) -> float | None:
         """Bucket ``b``'s cost per sample (seconds); None before MIN_RUNS observations."""

@@ -7,6 +7,7 @@ intra-op thread) of the served models, with and without the executor hop added p
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from normport.runtime.serve.merge_policy import (
@@ -234,3 +235,23 @@ def test_not_alone_before_merging_is_measured() -> None:
         table.observe(2, 2 * 100e-6)
     assert policy.limits() == {"k": 1}
     assert [policy.alone("k") for _ in range(EXPLORE_EVERY)].count(True) == EXPLORE_EVERY - 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_bucket_s_cost_is_the_least_of_its_last_window_observations(seed: int) -> None:
+    """u(b), after every observation, against its definition computed here from the whole
+    history: random costs with ties, and far more observations than WINDOW, so that the least
+    one is often evicted."""
+    from normport.runtime.serve.merge_policy import MIN_RUNS, WINDOW, ShapeCosts, bucket
+
+    rng = np.random.default_rng(seed)
+    table = ShapeCosts(16)
+    history: dict[int, list[float]] = {}
+    for _ in range(400):
+        samples = int(rng.integers(1, 17))
+        seconds = samples * float(rng.choice([1e-4, 1.1e-4, 1.2e-4, rng.uniform(0.8e-4, 2e-4)]))
+        table.observe(samples, seconds)
+        history.setdefault(bucket(samples, 16), []).append(seconds / samples)
+        for b, costs in history.items():
+            expected = min(costs[-WINDOW:]) if len(costs) >= MIN_RUNS else None
+            assert table.per_sample(b) == expected, (b, costs[-WINDOW:])
