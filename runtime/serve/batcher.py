@@ -52,8 +52,9 @@ A run on the loop blocks it for the run's duration, hence the bound; the first r
 and any larger than the bound, go through the worker (which measures them).
 One run is still in flight at a time: the worker waits while a run on the loop holds the model.
 
-*Loop mode* (where the process may use one CPU and onnxruntime computes in the calling thread,
-or ``on_loop=True``): the worker thread cannot run beside the event loop, only instead of it,
+*Loop mode* (where the process may use one CPU's worth of time, by affinity or cgroup quota,
+:func:`runtime.serve.cpus.one_cpu`, and onnxruntime computes in the calling thread; or
+``on_loop=True``): the worker thread cannot run beside the event loop, only instead of it,
 so handing it a run buys nothing and costs the two wake-ups.  There the queue is the loop's
 too: a request that cannot run at once is queued, and a *drain* scheduled with ``call_soon``
 on the caller's loop (from the worker, on each loop with a request queued; any loop drains
@@ -88,7 +89,6 @@ import asyncio
 import collections
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -99,6 +99,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from normport.runtime.messages import first_line
 from normport.runtime.serve import busypoll
+from normport.runtime.serve.cpus import one_cpu
 from normport.runtime.serve.errors import BadRequest, InferenceFailed, ModelUnavailable, ServeError
 from normport.runtime.serve.merge_policy import LearnedMerge, MergePolicy
 from normport.runtime.serve.session import SHRINK_ABOVE_BYTES, Session
@@ -111,7 +112,6 @@ __all__ = [
     "Batcher",
     "Execution",
     "Result",
-    "one_cpu",
 ]
 
 log = logging.getLogger(__name__)
@@ -730,13 +730,6 @@ def _call_soon(
     except RuntimeError:
         return False
     return True
-
-
-def one_cpu() -> bool:
-    """Whether this process may run on one CPU only (its affinity; else the CPU count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) == 1
-    return os.cpu_count() == 1
 
 
 def _as_serve_error(error: BaseException, model: str) -> ServeError:

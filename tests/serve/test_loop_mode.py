@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from normport.runtime.serve import batcher as module
+from normport.runtime.serve import cpus as cpus_module
 from normport.runtime.serve.batcher import Batcher
 from normport.runtime.serve.errors import InferenceFailed
 from normport.runtime.serve.merge_policy import AlwaysMerge
@@ -142,8 +145,9 @@ def test_a_run_longer_than_the_inline_bound_stays_on_the_worker(monkeypatch) -> 
 @pytest.mark.parametrize(("cpus", "on_loop"), [({0}, True), ({0, 1}, False)])
 def test_loop_mode_is_the_default_on_one_cpu(monkeypatch, cpus: set[int], on_loop: bool) -> None:
     """With a single-threaded session: on one CPU the merged batch runs on the loop's thread,
-    on two on the worker's."""
-    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: cpus, raising=False)
+    on two on the worker's (no cgroup quota: this machine's is not read)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus, raising=False)
+    monkeypatch.setattr(cpus_module, "PROC_CGROUP", Path("/nonexistent/cgroup"))
     session = Recording()
     b = make(session, Batching((), max_queue_delay_s=0.0), on_loop=None)
 
