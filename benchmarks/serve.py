@@ -17,7 +17,8 @@ repeat goes over every model, protocol (JSON, binary) and concurrency (1, 16, 64
 then off (off then on in odd repeats).  Cells report medians over the repeats; the batched /
 unbatched ratio is taken within each repeat, then its median.  With two CPUs or more the load
 generator runs on the last one and the servers on the others (``--no-pin``: wherever the OS
-puts them).
+puts them).  On a 2-CPU machine that leaves the servers one CPU, where the batcher runs in loop
+mode (:mod:`runtime.serve.batcher`: the event loop runs and merges the queue itself).
 
 The *HTTP floor* (:mod:`benchmarks.http_floor`: the service's uvicorn settings and protocol
 serving an app that answers 12 fixed bytes, in its own process on the servers' CPUs) is driven
