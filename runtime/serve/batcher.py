@@ -66,9 +66,8 @@ still takes: a key's first run, keys whose last run alone took longer than
 :data:`INLINE_MAX_S` (a merged batch on the loop may take longer), requests estimated above
 :data:`~runtime.serve.session.SHRINK_ABOVE_BYTES` (a merged batch that is trims the heap on
 the loop), requests of a loop that is not running, and everything once the batcher is
-closing.  Served on one CPU, seq_bn at concurrency 64 (one
-interleaved run, batched / unbatched throughput): binary 1.58 with the worker, 1.59 in loop
-mode; JSON 1.07 vs 1.45.
+closing.  Served on one CPU, seq_bn at concurrency 64 (one interleaved run, batched /
+unbatched throughput): binary 1.58 with the worker, 1.59 in loop mode; JSON 1.07 vs 1.45.
 
 Memory: each request carries its estimated run bytes (:mod:`runtime.serve.memory`); a batch
 never adds a request that would take the batch over ``max_batch_bytes`` (the model's memory
@@ -105,14 +104,7 @@ from normport.runtime.serve.merge_policy import LearnedMerge, MergePolicy
 from normport.runtime.serve.session import SHRINK_ABOVE_BYTES, Session
 from normport.runtime.serve.spec import Batching
 
-__all__ = [
-    "HANDOFF_S",
-    "IDLE_MIN_S",
-    "INLINE_MAX_S",
-    "Batcher",
-    "Execution",
-    "Result",
-]
+__all__ = ["HANDOFF_S", "IDLE_MIN_S", "INLINE_MAX_S", "Batcher", "Execution", "Result"]
 
 log = logging.getLogger(__name__)
 
@@ -287,10 +279,18 @@ class Batcher:
         """Under the lock: whether loop mode runs ``item`` on its event loop: its key's last
         run alone took at most :data:`INLINE_MAX_S`, it is not a large run, and its loop is
         open (the worker takes everything once the batcher is closing)."""
-        if not self._on_loop or self._closed or item.run_bytes >= SHRINK_ABOVE_BYTES:
-            return False
-        last = self._alone_ns.get(item.key)
-        return last is not None and last <= INLINE_MAX_S * 1e9 and item.loop.is_running()
+        return (
+            self._on_loop
+            and not self._closed
+            and self._short(item.key, item.run_bytes)
+            and item.loop.is_running()
+        )
+
+    def _short(self, key: Hashable, run_bytes: int) -> bool:
+        """Under the lock: whether a run of ``key`` may take the event loop: not a large run,
+        and its last run alone took at most :data:`INLINE_MAX_S` (none yet: unknown, no)."""
+        last = self._alone_ns.get(key)
+        return run_bytes < SHRINK_ABOVE_BYTES and last is not None and last <= INLINE_MAX_S * 1e9
 
     def _schedule_drain(self) -> None:
         """Under the lock: :meth:`_drain` soon on the calling event loop; from the worker, on
@@ -305,11 +305,9 @@ class Batcher:
 
     def _runs_here(self, key: Hashable, run_bytes: int) -> bool:
         """Under the lock: whether this request takes the fast path (module docstring)."""
-        busy = self._pending or self._running_here or self._worker_busy
-        if busy or run_bytes >= SHRINK_ABOVE_BYTES:
+        if self._pending or self._running_here or self._worker_busy:
             return False
-        last = self._alone_ns.get(key)
-        if last is None or last > INLINE_MAX_S * 1e9:
+        if not self._short(key, run_bytes):
             return False
         return self._batching is None or self._loop_slept() or self.policy.alone(key)
 
@@ -418,9 +416,7 @@ class Batcher:
             except BaseException as error:  # a bug: nobody may wait forever
                 log.exception("model %s: the batcher failed", self._model)
                 if not batch:  # while picking a batch: the queue cannot be trusted
-                    with self._ready:
-                        batch, self._pending = list(self._pending), collections.deque()
-                        self._queued_samples.clear()
+                    batch = self._take_all()
                 for item in batch:
                     self._send_failure(self._outbox, item, _as_serve_error(error, self._model))
                 if not isinstance(error, Exception):
@@ -433,10 +429,11 @@ class Batcher:
         the next request of a client it answers finds it idle (and may take the fast path)."""
         with self._ready:
             self._worker_busy = False
-            if not self._pending or self._for_loop(self._pending[0]):
-                busypoll.release(self)
-            if self._pending and self._for_loop(self._pending[0]):
+            to_loop = bool(self._pending) and self._for_loop(self._pending[0])
+            if to_loop:
                 self._schedule_drain()
+            if to_loop or not self._pending:
+                busypoll.release(self)
         outbox, self._outbox = self._outbox, []
         for loop, callback, args in outbox:
             _call_soon(loop, callback, *args)
@@ -475,10 +472,7 @@ class Batcher:
                 picked = self._pick_for_loop(loop)
             except Exception as error:  # a bug while picking: the queue cannot be trusted
                 log.exception("model %s: the batcher failed", self._model)
-                with self._ready:
-                    failed, self._pending = list(self._pending), collections.deque()
-                    self._queued_samples.clear()
-                for item in failed:
+                for item in self._take_all():
                     _call_soon(item.loop, _fail, item.future, _as_serve_error(error, self._model))
                 return
             if picked is None:
@@ -544,15 +538,11 @@ class Batcher:
         oldest = self._pending[0]
         queued = self._queued_samples[oldest.key]
         if self._wait is None or self._wait[0] is not oldest:
-            target = batching.preferred_batch_sizes or (self._max_batch_size,)
-            enough = min(target[-1], self._max_batch_size, self.policy.limit(oldest.key))
-            self._enough = (frozenset(target), enough)
-            if self._completes(queued) or not self.policy.should_wait(oldest.key):
+            if not self._worth_waiting(batching, oldest):
                 self._wait = None
                 return 0
             self._wait = (oldest, queued)
-        remaining = oldest.enqueued_ns + int(batching.max_queue_delay_s * 1e9)
-        remaining -= time.perf_counter_ns()
+        remaining = self._deadline_ns(batching, oldest) - time.perf_counter_ns()
         if remaining > 0 and not self._completes(queued):
             return remaining
         self.policy.waited(oldest.key, queued > self._wait[1])
@@ -564,19 +554,38 @@ class Batcher:
         a preferred size, the largest one, or the policy's limit for the key; and only when
         the policy expects company (see :mod:`runtime.serve.merge_policy`)."""
         oldest = self._pending[0]
-        target = batching.preferred_batch_sizes or (self._max_batch_size,)
-        enough = min(target[-1], self._max_batch_size, self.policy.limit(oldest.key))
-        self._enough = (frozenset(target), enough)
         queued = self._queued_samples[oldest.key]
-        if self._completes(queued) or not self.policy.should_wait(oldest.key):
+        if not self._worth_waiting(batching, oldest):
             return
-        deadline = oldest.enqueued_ns + int(batching.max_queue_delay_s * 1e9)
+        deadline = self._deadline_ns(batching, oldest)
         while not self._closed and not self._completes(self._queued_samples[oldest.key]):
             remaining = deadline - time.perf_counter_ns()
             if remaining <= 0:
                 break
             self._sleep(oldest.key, remaining / 1e9)
         self.policy.waited(oldest.key, self._queued_samples[oldest.key] > queued)
+
+    def _worth_waiting(self, batching: Batching, oldest: _Pending) -> bool:
+        """Under the lock: set the sizes that complete ``oldest``'s batch (a preferred size,
+        the largest one, or the policy's limit); whether its batch is short of them and the
+        policy expects company (see :mod:`runtime.serve.merge_policy`)."""
+        target = batching.preferred_batch_sizes or (self._max_batch_size,)
+        enough = min(target[-1], self._max_batch_size, self.policy.limit(oldest.key))
+        self._enough = (frozenset(target), enough)
+        queued = self._queued_samples[oldest.key]
+        return not self._completes(queued) and self.policy.should_wait(oldest.key)
+
+    @staticmethod
+    def _deadline_ns(batching: Batching, oldest: _Pending) -> int:
+        """When ``oldest`` has waited ``max_queue_delay`` (``time.perf_counter_ns``)."""
+        return oldest.enqueued_ns + int(batching.max_queue_delay_s * 1e9)
+
+    def _take_all(self) -> list[_Pending]:
+        """Empty the queue (after a bug while picking a batch: it cannot be trusted)."""
+        with self._ready:
+            taken, self._pending = list(self._pending), collections.deque()
+            self._queued_samples.clear()
+        return taken
 
     def _take(self) -> list[_Pending]:
         """The oldest request and the later ones sharing its key, up to the policy's plan
