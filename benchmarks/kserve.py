@@ -14,14 +14,13 @@ and no per-request logging; normport as its command line starts it (dynamic batc
 configs ask).  Without the KServe environment (no network to build it) the benchmark says so
 and writes a report marked ``skipped``: it does not fail.
 
-One client (:mod:`benchmarks.loadgen`, pinned like in :mod:`benchmarks.serve`) drives both over
-OIP v2 REST, interleaved: every repeat runs each model x protocol (JSON, binary) x concurrency
-(1, 16, 64) on both servers, in alternating order.  Rows: throughput, p50 and p99 (medians of the
-repeats), the servers' start (process start to every model ready: normport's first start
-probes its models, its restart reads the probe cache) and RSS (after the load), each with the
-ratio normport / KServe turned so that above 1 means normport is better.  Target: at least
-1.5 on every row.
-"""
+One client (:mod:`benchmarks.loadgen`, pinned and polling as in :mod:`benchmarks.serve`) drives
+both over OIP v2 REST, interleaved: every repeat runs each model x protocol (JSON, binary) x
+concurrency (1, 16, 64) on both servers, in alternating order. Rows: throughput, p50 and p99
+(medians of the repeats), the servers' start (process start to every model ready: normport's
+first start probes its models, its restart reads the probe cache) and RSS (after the load), each
+with the ratio normport / KServe turned so that above 1 means normport is better. Target: at
+least 1.5 on every row. """
 
 from __future__ import annotations
 
@@ -337,7 +336,13 @@ def _load_rows(
                 for side in order:
                     url = f"{servers[side]}/v2/models/{name}/infer"
                     load = run(
-                        run_load(url, [body], concurrency=concurrency, duration_s=args.duration)
+                        run_load(
+                            url,
+                            [body],
+                            concurrency=concurrency,
+                            duration_s=args.duration,
+                            spin=args.spin,
+                        )
                     )
                     if load.errors:
                         raise RuntimeError(f"{side}, {name}: {load.first_error}")
@@ -402,6 +407,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.serve import _placement
 
     client_cpus, server_cpus = _placement(not args.no_pin)
+    args.spin = client_cpus is not None  # a CPU of its own: the load generator never sleeps
     with tempfile.TemporaryDirectory(prefix="kserve-bench-") as tmp, ExitStack() as stack:
         repository = Path(args.repository) if args.repository else Path(tmp) / "repo"
         missing = [n for n in args.models if not (repository / n / "config.pbtxt").is_file()]

@@ -14,11 +14,14 @@ Two servers run side by side, each in its own process (``python -m runtime serve
 dynamic batching and one with ``--no-batching``, same repository and threads), and the load
 generator (:mod:`benchmarks.loadgen`, closed loop) drives one at a time, *interleaved*: each
 repeat goes over every model, protocol (JSON, binary) and concurrency (1, 16, 64), batching on
-then off (off then on in odd repeats).  Cells report medians over the repeats; the batched /
-unbatched ratio is taken within each repeat, then its median.  With two CPUs or more the load
-generator runs on the last one and the servers on the others (``--no-pin``: wherever the OS
-puts them).  On a 2-CPU machine that leaves the servers one CPU, where the batcher runs in loop
-mode (:mod:`runtime.serve.batcher`: the event loop runs and merges the queue itself).
+then off (off then on in odd repeats). Cells report medians over the repeats; the batched /
+unbatched ratio is taken within each repeat, then its median. With two CPUs or more the load
+generator runs on the last one and the servers on the others (``--no-pin``: wherever the OS puts
+them); with a CPU of its own, the load generator polls its sockets instead of sleeping (``spin``
+of :func:`benchmarks.loadgen.run_load`), so that its own wake-up, 50-60 us on this VM at
+concurrency 1, does not count as the server's latency. On a 2-CPU machine that leaves the
+servers one CPU, where the batcher runs in loop mode (:mod:`runtime.serve.batcher`: the event
+loop runs and merges the queue itself).
 
 The *HTTP floor* (:mod:`benchmarks.http_floor`: the service's uvicorn settings and protocol
 serving an app that answers 12 fixed bytes, in its own process on the servers' CPUs) is driven
@@ -294,13 +297,16 @@ class _InProcess:
         return samples / spent
 
 
-def _cell(url: str, pid: int, name: str, bodies: list, concurrency: int, seconds: float) -> dict:
-    """One load run: latency, throughput, the batches the server ran, CPU per request."""
+def _cell(
+    url: str, pid: int, name: str, bodies: list, concurrency: int, seconds: float, spin: bool
+) -> dict:
+    """One load run (``spin``: :func:`benchmarks.loadgen.run_load`'s): latency, throughput,
+    the batches the server ran, CPU per request."""
     before = _stats(url, name)
     server_cpu, client_cpu = _cpu_seconds(pid), time.process_time()
     load = run(
         run_load(f"{url}/v2/models/{name}/infer", bodies, concurrency=concurrency,
-                 duration_s=seconds)
+                 duration_s=seconds, spin=spin)
     )  # fmt: skip
     client_cpu = time.process_time() - client_cpu
     server_end = _cpu_seconds(pid)
@@ -327,11 +333,13 @@ def _cell(url: str, pid: int, name: str, bodies: list, concurrency: int, seconds
     }
 
 
-def _floor_cell(url: str, pid: int, bodies: list, concurrency: int, seconds: float) -> dict:
+def _floor_cell(
+    url: str, pid: int, bodies: list, concurrency: int, seconds: float, spin: bool
+) -> dict:
     """One load run against the HTTP floor."""
     server_cpu = _cpu_seconds(pid)
     load = run(run_load(f"{url}/floor", bodies, concurrency=concurrency, duration_s=seconds,
-                        decode=False))  # fmt: skip
+                        decode=False, spin=spin))  # fmt: skip
     server_end = _cpu_seconds(pid)
     cpu = None
     if server_cpu is not None and server_end is not None and load.completed:
@@ -427,7 +435,7 @@ def _measure(
     floor_bodies = next(iter(models.values()))[2]["binary"]
     for repeat in range(args.repeats):
         for concurrency in args.concurrency:
-            cell = _floor_cell(*floor, floor_bodies, concurrency, args.duration)
+            cell = _floor_cell(*floor, floor_bodies, concurrency, args.duration, args.spin)
             floor_cells.setdefault(concurrency, []).append(cell)
             _log(f"[{repeat + 1}] HTTP floor c={concurrency:<3d} {cell['throughput_rps']:8.0f} "
                  f"req/s  p50 {cell['p50_ms']:7.3f} ms  errors {cell['errors']}")  # fmt: skip
@@ -438,7 +446,9 @@ def _measure(
                     got = {}
                     for batching in modes:
                         url, pid = servers[batching]
-                        cell = _cell(url, pid, name, bodies[protocol], concurrency, args.duration)
+                        cell = _cell(
+                            url, pid, name, bodies[protocol], concurrency, args.duration, args.spin
+                        )
                         cells.setdefault((name, protocol, concurrency, batching), []).append(cell)
                         got[batching] = cell["throughput_rps"]
                         _log(_progress(repeat, name, protocol, concurrency, batching, cell))
@@ -586,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cases = served_cases(args.models.split(",") if args.models else None)
     names = [case.network for case in cases]
     client_cpus, server_cpus = _placement(not args.no_pin)
+    args.spin = client_cpus is not None  # a CPU of its own: the load generator never sleeps
     placement = (
         f"load generator on CPU {sorted(client_cpus)}, servers on CPUs {sorted(server_cpus)}"
         if client_cpus and server_cpus
@@ -620,7 +631,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "quick": args.quick,
             "placement": placement,
             "busy_poll_us": args.busy_poll_us,
-            "client": "benchmarks.loadgen closed loop, one sample per request, same host",
+            "client": "benchmarks.loadgen closed loop, one sample per request, same host"
+            + (", polling without sleeping on its own CPU" if args.spin else ""),
             "elapsed_s": round(time.perf_counter() - started, 1),
         },
         "rows": rows,
