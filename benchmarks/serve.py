@@ -40,7 +40,8 @@ Targets (``targets`` in the report, each with its value and whether it is met):
 
 - batched / unbatched throughput at concurrency 16 and 64: at least 1.0 for every model, and
   at least 1.5 where onnxruntime runs a sample at least 1.5x cheaper at batch 16;
-- p50 overhead over in-process onnxruntime at concurrency 1: at most 0.3 ms;
+- p50 overhead over in-process onnxruntime at concurrency 1, binary requests: at most 0.3 ms
+  (the target is set for a batch-1 binary request; JSON's p50 is in the table);
 - throughput at concurrency 64: at least 0.6x in-process onnxruntime on the same batches.
 """
 
@@ -78,7 +79,7 @@ TARGETS = {
     "batching_ratio": 1.0,  # batched / unbatched throughput, every model
     "batching_ratio_gaining": 1.5,  # ... where onnxruntime gains from batching
     "gaining": 1.5,  # onnxruntime's per-sample speedup at batch 16 that makes a model "gaining"
-    "overhead_p50_ms": 0.3,  # concurrency 1
+    "overhead_p50_ms": 0.3,  # concurrency 1, binary
     "vs_inprocess": 0.6,  # concurrency 64
 }
 _POOL = 64  # distinct inputs per model
@@ -512,7 +513,8 @@ def _targets(
     for row in rows:
         name, protocol, mode = row["model"], row["protocol"], "on" if row["batching"] else "off"
         where = f"{name}_{protocol}_c{row['concurrency']}_batching_{mode}"
-        if row["concurrency"] == 1 and row["p50_ms"] is not None:
+        # the issue's latency target is for a batch-1 *binary* request; JSON's p50 is reported
+        if row["concurrency"] == 1 and row["protocol"] == "binary" and row["p50_ms"] is not None:
             overhead = row["p50_ms"] - baselines[name]["p50_ms"]
             out[f"{where}_p50_overhead_ms"] = _target(overhead, "<=", TARGETS["overhead_p50_ms"])
         limit = row.get("inprocess_same_batches_sps")
