@@ -10,10 +10,12 @@ layer            kernel                                        when
 LayerNorm        ``F.layer_norm``: forward, backward, double   :func:`uses_fused`: a CPU
                  backward                                      float32 / float64 input,
                                                                parameters of its dtype
-GroupNorm        ``native_group_norm`` *without* affine, then  :func:`uses_fused_group_norm`:
-                 ``* weight + bias`` in place; backward        the same, and an input
-                 ``native_group_norm_backward``; double        contiguous in the default
-                 backward through :func:`reference_grads`      layout only
+GroupNorm        ``native_group_norm`` with its folded affine  :func:`uses_fused_group_norm`:
+                 where no group's mean is over 4 std from 0    the same, and an input
+                 and none is constant, else *without* affine   contiguous in the default
+                 then ``* weight + bias`` in place; backward   layout only
+                 ``native_group_norm_backward``; double
+                 backward through :func:`reference_grads`
 BatchNorm, eval  ``F.batch_norm(training=False)``              :func:`uses_fused`, running
                                                                statistics included
 ===============  ============================================  ================================
@@ -27,9 +29,22 @@ Why it is the same computation (ATen's ``layer_norm_kernel.cpp``, ``group_norm_k
   :math:`r = 1/\\sqrt{\\sigma^2 + \\epsilon}` with the same ``eps``.
 * LayerNorm's output is :math:`(x r - \\mu r)\\,\\gamma + \\beta`: both products round alike,
   so a constant row still gives exactly :math:`\\beta`.
-* GroupNorm's kernel folds the affine into :math:`x s + (\\beta - \\mu s)` per channel, which
-  misses :math:`\\beta` on constant groups (by 4e-5 at 3.25, by 0.1 at 1e4).  Without affine
-  it computes :math:`(x - \\mu) r`, and the affine follows as in :func:`standardize`.
+* GroupNorm's kernel folds the affine into :math:`x s + (\\beta - \\mu s)`,
+  :math:`s = r \\gamma`, per channel (torch.nn.GroupNorm's output, bit for bit).  To first
+  order in the unit roundoff :math:`u`, its error against the exact
+  :math:`(x - \\mu) r \\gamma + \\beta` on the same statistics is at most
+  :math:`u\\,(2 |x - \\mu| r |\\gamma| + 5 |\\mu| r |\\gamma| + |\\beta| + |y|)`, the exact form's
+  :math:`u\\,(3 |x - \\mu| r |\\gamma| + |y|)`: the extra term grows with :math:`|\\mu| r`, the
+  group's offset in standard deviations, and misses :math:`\\beta` on constant groups (by
+  4e-5 at 3.25, by 0.1 at 1e4).  So the folded output is kept only where every group has
+  :math:`|\\mu| r \\le` :data:`FOLD_MAX_MEAN_RSTD` (= 4: at most :math:`20 u |\\gamma|` extra,
+  ``tests/test_fast_paths.py`` checks the bound) and none has (near) zero variance; activations
+  are rarely offset by more than a few standard deviations.  Traced code (``torch.compile``,
+  ``torch.export``, TorchScript, FX) has no data-dependent choice: it always takes the exact
+  form.  Otherwise the kernel runs again
+  *without* affine, which computes :math:`(x - \\mu) r`, and the affine follows as in
+  :func:`standardize` (two more passes: 1.3x torch.nn in eval, why the folded form is kept
+  where it is this close).
 * BatchNorm's eval kernel is :func:`models._functional.affine_from_stats`'s formula,
   :math:`x s + t` with :math:`s = \\gamma / \\sqrt{\\sigma^2 + \\epsilon}`,
   :math:`t = \\beta - \\mu s`, in one pass instead of two.
@@ -60,7 +75,13 @@ from torch import Tensor
 
 from normport.models._functional import reference_grads
 
-__all__ = ["FUSED_DTYPES", "group_norm", "uses_fused", "uses_fused_group_norm"]
+__all__ = [
+    "FOLD_MAX_MEAN_RSTD",
+    "FUSED_DTYPES",
+    "group_norm",
+    "uses_fused",
+    "uses_fused_group_norm",
+]
 
 FUSED_DTYPES = (torch.float32, torch.float64)
 
@@ -91,12 +112,42 @@ def uses_fused_group_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None)
     )
 
 
+FOLD_MAX_MEAN_RSTD = 4.0
+"""The largest :math:`|\\mu_{ng}|\\, r_{ng}` of any group for which :func:`_forward` keeps the
+folded kernel's output (module docstring)."""
+
+
+def _eager() -> bool:
+    """Whether this runs eagerly: not traced by dynamo (``torch.compile``, ``torch.export``), by
+    TorchScript or by FX, where the data-dependent choice of :func:`_fold_is_close` has no
+    place (a graph break, or one branch baked in); the exact form is traced instead."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.fx._symbolic_trace.is_fx_tracing()
+    )
+
+
+def _fold_is_close(mean: Tensor, rstd: Tensor, eps: float) -> bool:
+    """Whether the folded affine :math:`x s + (\\beta - \\mu s)` stays within a few rounding
+    units of :math:`(x - \\mu)\\, r\\, \\gamma + \\beta` for every group: each group's
+    :math:`|\\mu|\\, r \\le` :data:`FOLD_MAX_MEAN_RSTD`, and none of (near) zero variance,
+    :math:`r < 0.999 / \\sqrt{\\epsilon}` (a constant group must give exactly :math:`\\beta`)."""
+    worst = (mean.abs() * rstd).max().item()
+    return worst <= FOLD_MAX_MEAN_RSTD and rstd.max().item() < 0.999 / math.sqrt(eps)
+
+
 def _forward(
     x: Tensor, groups: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, mean, rstd)``: ATen's GroupNorm without affine, then the affine in place."""
+    """``(y, mean, rstd)``: ATen's GroupNorm with its folded affine where
+    :func:`_fold_is_close`, else ATen's GroupNorm without affine, then the affine in place."""
     n, c = x.shape[0], x.shape[1]
     hw = math.prod(x.shape[2:])
+    if (weight is not None or bias is not None) and _eager():
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hw, groups, eps)
+        if _fold_is_close(mean, rstd, eps):
+            return y, mean, rstd
     y, mean, rstd = torch.native_group_norm(x, None, None, n, c, hw, groups, eps)
     y3 = y.view(n, c, hw)  # y itself is returned: a view made here could not be modified
     if weight is not None:

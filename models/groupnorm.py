@@ -31,9 +31,11 @@ class GroupNorm(nn.Module):
     """Twin of ``torch.nn.GroupNorm(num_groups, num_channels, eps=1e-5, affine=True)``.
 
     Which path runs: a CPU float32 / float64 input contiguous in the default layout, with
-    parameters of its dtype (no tensor subclass, not empty), goes through ATen's fused kernel
-    *without* affine, which computes :math:`(x - \\mu_{ng})\\, r_{ng}`, then
-    ``* weight + bias`` in place; its backward is ATen's (:mod:`models._fused`).  Everything
+    parameters of its dtype (no tensor subclass, not empty), goes through ATen's fused kernel:
+    with its folded affine (torch.nn.GroupNorm's output) where every group's
+    :math:`|\\mu_{ng}|\\, r_{ng} \\le 4` and none is constant, else *without* affine, which
+    computes :math:`(x - \\mu_{ng})\\, r_{ng}`, then ``* weight + bias`` in place; its
+    backward is ATen's (:mod:`models._fused`, with the error bound that decides).  Everything
     else (float16 / bfloat16, channels-last, other devices, mixed dtypes) runs
     :func:`models._functional.standardize`, also the reference the fused path is tested
     against.

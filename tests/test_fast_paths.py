@@ -12,13 +12,15 @@ kernel; everything else stays on :func:`models._functional.standardize`.  Pinned
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
 
 from normport import models
 from normport.models._functional import affine_from_stats, standardize
-from normport.models._fused import FUSED_DTYPES
+from normport.models._fused import FOLD_MAX_MEAN_RSTD, FUSED_DTYPES
 from normport.models.randomize import randomize
 from tests.cases import make_input
 from tests.tolerances import GRAD, OUTPUT
@@ -186,7 +188,7 @@ def test_fused_double_backward_equals_reference(name, factory, shape, eval_mode)
 # -- exactness -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", [3.25, -7.1, 0.1, 1e4, 77777.7])
+@pytest.mark.parametrize("value", [3.25, -7.1, 0.1, 0.0, 1e4, 77777.7])
 @pytest.mark.parametrize(
     ("name", "factory", "shape", "layout"),
     [
@@ -212,3 +214,82 @@ def test_constant_input_gives_exactly_beta(name, factory, shape, layout, value):
     y = layer(x)
     bias = layer.bias if name == "LayerNorm" else layer.bias.view(-1, 1, 1)
     assert torch.equal(y, bias.expand(shape)), (y - bias).abs().max()
+
+
+# -- GroupNorm's folded affine: where it is kept, and how close it stays ------------------------
+
+
+def _groups_at(mean_over_std: float, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
+    """A (2, 8, 5, 6) input for 4 groups: every group standardized exactly (float64), then
+    scaled by a random std in [0.5, 3] and shifted so that ``|mean| / std`` is ``mean_over_std``
+    in the first group and half of it in the others."""
+    x = torch.randn(2, 4, 2 * 30, generator=gen, dtype=torch.float64)
+    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True)
+    std = 0.5 + 2.5 * torch.rand(2, 4, 1, generator=gen, dtype=torch.float64)
+    ratio = torch.full((2, 4, 1), mean_over_std / 2, dtype=torch.float64)
+    ratio[:, 0] = mean_over_std
+    sign = torch.where(torch.rand(2, 4, 1, generator=gen) < 0.5, -1.0, 1.0).double()
+    return (x * std + sign * ratio * std).reshape(2, 8, 5, 6).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("factor", [0.99, 1.01], ids=["below", "above"])
+def test_group_norm_keeps_the_folded_kernel_only_below_its_bound(dtype, factor):
+    """Near-misses on both sides of :data:`FOLD_MAX_MEAN_RSTD` (eps is negligible against a
+    std >= 0.5, so ``|mean| * rstd`` is ``|mean| / std``): below it the output is ATen's folded
+    kernel, bit for bit (``torch.nn.functional.group_norm``, the independent oracle); above it
+    not, and within the output tolerance of the float64 formula."""
+    gen = torch.Generator().manual_seed(11)
+    layer = randomize(models.GroupNorm(4, 8), gen).to(dtype).eval()
+    x = _groups_at(FOLD_MAX_MEAN_RSTD * factor, dtype, gen)
+    with torch.no_grad():
+        y = layer(x)
+        folded = nn.functional.group_norm(x, 4, layer.weight, layer.bias, layer.eps)
+        exact = _reference(copy.deepcopy(layer).double(), x.double())
+    if factor < 1:
+        assert torch.equal(y, folded)
+        return
+    assert not torch.equal(y, folded)
+    atol, rtol = OUTPUT[dtype]
+    torch.testing.assert_close(y.double(), exact, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("value", [1e-3, -2e-3, 1e-9])
+def test_group_norm_small_constant_groups_give_exactly_beta(value):
+    """A constant group whose ``|mean| * rstd`` is under the bound (``rstd`` is
+    ``1 / sqrt(eps)`` there) still gives exactly ``beta``: zero variance keeps the exact form."""
+    layer = randomize(models.GroupNorm(4, 8), torch.Generator().manual_seed(6)).eval()
+    assert abs(value) * layer.eps**-0.5 < FOLD_MAX_MEAN_RSTD
+    x = torch.randn(3, 8, 6, 5, generator=torch.Generator().manual_seed(7))
+    x[:, 2:4] = value  # group 1 of every sample is constant, the others are not
+    with torch.no_grad():
+        # a beta far under gamma * |mean| * rstd: the folded kernel's rounding of mean * s
+        # would show in it
+        layer.bias[2:4] = torch.tensor([3e-7, -5e-7])
+        y = layer(x)
+    beta = layer.bias[2:4].view(1, 2, 1, 1).expand(3, 2, 6, 5)
+    assert torch.equal(y[:, 2:4], beta), (y[:, 2:4] - beta).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("seed", range(4))
+def test_group_norm_folded_error_stays_within_its_bound(dtype, seed):
+    """Up to :data:`FOLD_MAX_MEAN_RSTD`, the output stays within the bound the module docstring
+    derives, against the plain formula in float64 (same ``eps``):
+    ``u * (3 |x - mean| r |gamma| + 5 K |gamma| + 2 |beta| + |y|)`` per element, with a factor
+    2 for the statistics' own rounding (``u``: the unit roundoff)."""
+    gen = torch.Generator().manual_seed(20 + seed)
+    layer = randomize(models.GroupNorm(4, 8), gen).to(dtype).eval()
+    x = _groups_at(FOLD_MAX_MEAN_RSTD * 0.99, dtype, gen)
+    with torch.no_grad():
+        y = layer(x)
+        folded = nn.functional.group_norm(x, 4, layer.weight, layer.bias, layer.eps)
+        ref = copy.deepcopy(layer).double()
+        exact = _reference(ref, x.double())
+        z = (exact - ref.bias.view(8, 1, 1)) / ref.weight.view(8, 1, 1)  # (x - mean) r
+    gamma, beta = ref.weight.abs().view(8, 1, 1), ref.bias.abs().view(8, 1, 1)
+    u = torch.finfo(dtype).eps / 2
+    bound = 2 * u * (3 * z.abs() * gamma + 5 * FOLD_MAX_MEAN_RSTD * gamma + 2 * beta + exact.abs())
+    assert torch.equal(y, folded)  # the folded kernel ran
+    excess = ((y.double() - exact).abs() / bound).max().item()
+    assert excess <= 1.0, f"error is {excess:.2f}x the bound"
