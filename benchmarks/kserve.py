@@ -20,7 +20,8 @@ concurrency (1, 16, 64) on both servers, in alternating order. Rows: throughput,
 (medians of the repeats), the servers' start (process start to every model ready: normport's
 first start probes its models, its restart reads the probe cache) and RSS (after the load), each
 with the ratio normport / KServe turned so that above 1 means normport is better. Target: at
-least 1.5 on every row. """
+least 1.5 on every row.
+"""
 
 from __future__ import annotations
 
