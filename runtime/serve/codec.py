@@ -28,7 +28,14 @@ from normport.runtime.serve.datatypes import DataType
 from normport.runtime.serve.errors import BadRequest
 from normport.runtime.serve.spec import ModelSpec, TensorSpec
 
-__all__ = ["InferRequest", "RequestedOutput", "decode_request", "encode_response"]
+__all__ = [
+    "InferRequest",
+    "Plan",
+    "RequestedOutput",
+    "decode_request",
+    "decode_with_plan",
+    "encode_response",
+]
 
 _U32 = struct.Struct("<I")
 # Triton parameters this service does not implement: refused, never silently ignored.
@@ -90,6 +97,52 @@ def decode_request(spec: ModelSpec, body: bytes, header_length: int | None) -> I
 
     ``header_length`` is ``Inference-Header-Content-Length`` (None: the whole body is JSON).
     """
+    return decode_with_plan(spec, body, header_length)[0]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One input as its header entry announced it, checked against the model: its tensor,
+    client-facing shape, element count and ``binary_data_size`` (None: JSON ``data``)."""
+
+    name: str
+    tensor: TensorSpec
+    shape: tuple[int, ...]
+    count: int
+    size: int | None
+    where: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a binary request's JSON header decides, once checked: everything but the values.
+    The same header bytes make the same plan for the same model (:meth:`apply`)."""
+
+    id: str | None
+    entries: tuple[_Entry, ...]
+    binary_bytes: int
+    batch_size: int
+    outputs: tuple[RequestedOutput, ...]
+
+    def apply(self, spec: ModelSpec, binary: memoryview) -> InferRequest:
+        """The request a body with this plan's header and ``binary`` after it decodes to, its
+        values checked as :func:`decode_request` checks them (the caller checks that
+        ``len(binary)`` is :attr:`binary_bytes`)."""
+        arrays: dict[str, np.ndarray] = {}
+        offset = 0
+        for entry in self.entries:
+            assert entry.size is not None  # a plan holds binary inputs only
+            arrays[entry.name] = _binary_array(entry, binary[offset : offset + entry.size])
+            offset += entry.size
+        graph = {name: _graph_facing(spec.inputs, name, a) for name, a in arrays.items()}
+        return InferRequest(self.id, graph, self.batch_size, self.outputs)
+
+
+def decode_with_plan(
+    spec: ModelSpec, body: bytes, header_length: int | None
+) -> tuple[InferRequest, Plan | None]:
+    """:func:`decode_request`, and the request's :class:`Plan` where every input is binary
+    (None otherwise: JSON values live in the header)."""
     where = _where(spec)
     if header_length is None:
         header_length = len(body)
@@ -113,17 +166,24 @@ def decode_request(spec: ModelSpec, body: bytes, header_length: int | None) -> I
     entries = doc.get("inputs")
     if not isinstance(entries, list) or not entries:
         raise BadRequest(f"{where}: 'inputs' must be a non-empty list")
-    inputs = _decode_inputs(spec, entries, memoryview(body)[header_length:])
+    binary = memoryview(body)[header_length:]
+    inputs, checked = _decode_inputs(spec, entries, binary)
     batch_size = _batch_size(spec, inputs)
     arrays = {name: _graph_facing(spec.inputs, name, a) for name, a in inputs.items()}
-    return InferRequest(request_id, arrays, batch_size, _outputs(spec, doc, binary_default))
+    outputs = _outputs(spec, doc, binary_default)
+    request = InferRequest(request_id, arrays, batch_size, outputs)
+    if any(entry.size is None for entry in checked):
+        return request, None
+    return request, Plan(request_id, tuple(checked), len(binary), batch_size, outputs)
 
 
 def _decode_inputs(
     spec: ModelSpec, entries: list[Any], binary: memoryview
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], list[_Entry]]:
+    """The client-facing arrays by name, and each input's checked header entry, in order."""
     declared = {t.name: t for t in spec.inputs}
     arrays: dict[str, np.ndarray] = {}
+    checked: list[_Entry] = []
     offset = 0
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -152,15 +212,16 @@ def _decode_inputs(
                     f"{where}: binary_data_size {size} runs past the end of the body "
                     f"({len(binary) - offset} bytes left after the JSON header)"
                 )
-            flat = _from_binary(t.datatype, binary[offset : offset + size], count, where)
+            checked.append(_Entry(name, t, tuple(shape), count, size, where))
+            arrays[name] = _binary_array(checked[-1], binary[offset : offset + size])
             offset += size
         elif "data" in entry:
-            flat = _from_json(t.datatype, entry["data"], count, where)
+            checked.append(_Entry(name, t, tuple(shape), count, None, where))
+            array = _from_json(t.datatype, entry["data"], count, where).reshape(shape)
+            _check_finite(t.datatype, array, where)
+            arrays[name] = array
         else:
             raise BadRequest(f"{where}: has neither 'data' nor binary_data_size")
-        array = flat.reshape(shape)
-        _check_finite(t.datatype, array, where)
-        arrays[name] = array
     if offset != len(binary):
         raise BadRequest(
             f"{_where(spec)}: {len(binary) - offset} bytes after the JSON header are not claimed "
@@ -169,7 +230,15 @@ def _decode_inputs(
     missing = [name for name in declared if name not in arrays]
     if missing:
         raise BadRequest(f"{_where(spec)}: missing input(s) {', '.join(map(repr, missing))}")
-    return arrays
+    return arrays, checked
+
+
+def _binary_array(entry: _Entry, blob: memoryview) -> np.ndarray:
+    """One input's values from its ``binary_data_size`` bytes, shaped and checked."""
+    dt = entry.tensor.datatype
+    array = _from_binary(dt, blob, entry.count, entry.where).reshape(entry.shape)
+    _check_finite(dt, array, entry.where)
+    return array
 
 
 def _check_header(spec: ModelSpec, t: TensorSpec, entry: dict[str, Any], where: str) -> list[int]:

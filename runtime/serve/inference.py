@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from normport.runtime.serve.admission import Budget, Hold
 from normport.runtime.serve.body import expected_size, header_length, read_body
-from normport.runtime.serve.codec import InferRequest, decode_request, encode_response
+from normport.runtime.serve.codec import InferRequest, encode_response
 from normport.runtime.serve.memory import (
     BINARY_INPUT_FACTOR,
     JSON_INPUT_FACTOR,
@@ -42,6 +42,7 @@ async def infer(
     assert model.spec is not None and model.batcher is not None  # READY
     assert model.stats is not None and model.metrics is not None
     assert model.profile is not None and model.budget is not None
+    assert model.decoder is not None
     start = time.perf_counter_ns()
     hold = Hold.empty()
     try:
@@ -50,7 +51,7 @@ async def infer(
         factor = JSON_INPUT_FACTOR if length is None else BINARY_INPUT_FACTOR
         hold.take(server_budget, expected * factor, model.name, f"a body of {expected} bytes")
         body = await read_body(request, max_body_bytes)
-        parsed = decode_request(model.spec, body, length)
+        parsed = model.decoder.decode(body, length)
         need, run_bytes, detail = _estimate(model.profile, model, parsed, len(body), length)
         model.budget.check_limit(need, model.name, detail)
         server_budget.check_limit(need, model.name, detail)

@@ -51,6 +51,7 @@ from normport.export.triton_config import (
 from normport.runtime.messages import first_line
 from normport.runtime.serve.admission import Budget, parse_bytes
 from normport.runtime.serve.batcher import Batcher, Execution
+from normport.runtime.serve.decoder import RequestDecoder
 from normport.runtime.serve.errors import ModelNotFound, ModelUnavailable
 from normport.runtime.serve.memory import MemoryProfile, machine_memory
 from normport.runtime.serve.metrics import Metrics, ModelMetrics
@@ -95,6 +96,7 @@ class ModelVersion:
     metrics: ModelMetrics | None = None
     profile: MemoryProfile | None = None
     budget: Budget | None = None
+    decoder: RequestDecoder | None = None
 
     @property
     def ready(self) -> bool:
@@ -238,7 +240,7 @@ class Repository:
         log.info("loaded %s version %s on %s", name, version, session.providers[0])
         return ModelVersion(
             name, version, READY, "", spec, session, batcher, stats, metrics,
-            probed.profile, budget,
+            probed.profile, budget, RequestDecoder(spec),
         )  # fmt: skip
 
     def _unavailable(self, name: str, version: str, reason: str) -> ModelVersion:
