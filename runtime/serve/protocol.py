@@ -47,6 +47,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from normport.runtime.serve.limits import HttpLimits
+from normport.runtime.serve.writes import CoalescingTransport
 
 __all__ = ["LimitedHttpToolsProtocol"]
 
@@ -149,6 +150,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._timer is not None:
             self._disarm()
         super().on_headers_complete()
+        cycle = self.cycle  # this request's (not after an upgrade: that keeps the old one)
+        if cycle is not None and cycle.transport is self.transport:
+            cycle.transport = CoalescingTransport(self.transport, cycle)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         self._reading = _IDLE
