@@ -117,14 +117,19 @@ FOLD_MAX_MEAN_RSTD = 4.0
 folded kernel's output (module docstring)."""
 
 
+_TRACING_MODES = (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY)
+
+
 def _eager() -> bool:
-    """Whether this runs eagerly: not traced by dynamo (``torch.compile``, ``torch.export``), by
-    TorchScript or by FX, where the data-dependent choice of :func:`_fold_is_close` has no
-    place (a graph break, or one branch baked in); the exact form is traced instead."""
+    """Whether this runs eagerly on real tensors: not traced by dynamo (``torch.compile``,
+    ``torch.export``), TorchScript, FX, or under a fake / proxy tensor mode (``make_fx``,
+    AOTAutograd), where the data-dependent choice of :func:`_fold_is_close` has no place (a
+    graph break, an error, or one branch baked in); the exact form is traced instead."""
     return not (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()
-        or torch.fx._symbolic_trace.is_fx_tracing()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        or any(torch._C._get_dispatch_mode(key) is not None for key in _TRACING_MODES)
     )
 
 

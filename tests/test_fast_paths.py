@@ -17,6 +17,7 @@ import copy
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from normport import models
 from normport.models._functional import affine_from_stats, standardize
@@ -293,3 +294,20 @@ def test_group_norm_folded_error_stays_within_its_bound(dtype, seed):
     assert torch.equal(y, folded)  # the folded kernel ran
     excess = ((y.double() - exact).abs() / bound).max().item()
     assert excess <= 1.0, f"error is {excess:.2f}x the bound"
+
+
+def test_group_norm_choice_is_eager_only(caplog: pytest.LogCaptureFixture) -> None:
+    """The folded-or-exact choice reads values: eager calls make it silently (no warning from
+    torch's tracing checks), traced calls (``make_fx``, ``torch.export``) never make it and
+    give the exact form's numbers."""
+    gen = torch.Generator().manual_seed(12)
+    layer = randomize(models.GroupNorm(2, 4), gen).eval()
+    x = make_input((3, 4, 5), gen, torch.float32)
+    with caplog.at_level("WARNING"), torch.no_grad():
+        eager = layer(x)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    traced = make_fx(lambda t: layer(t))(x)
+    exported = torch.export.export(layer, (x,)).module()
+    exact = _reference(copy.deepcopy(layer).double(), x.double())
+    for y in (traced(x), exported(x), eager):
+        torch.testing.assert_close(y.double(), exact, atol=OUTPUT[torch.float32][0], rtol=1e-5)
