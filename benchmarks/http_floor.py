@@ -17,21 +17,27 @@ from collections.abc import Sequence
 
 from normport.runtime.serve.server import Server, serve_until_signalled, uvicorn_config
 
-__all__ = ["BODY", "app", "main"]
+__all__ = ["BODY", "app", "lifespan", "main"]
 
 BODY = b'{"floor":1}\n'
 _HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
 
 
+async def lifespan(receive, send) -> None:  # type: ignore[no-untyped-def]
+    """Acknowledge every lifespan event until the shutdown."""
+    while True:
+        message = await receive()
+        kind = message["type"].removeprefix("lifespan.")
+        await send({"type": f"lifespan.{kind}.complete"})
+        if kind == "shutdown":
+            return
+
+
 async def app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
     """Reads the request body, answers :data:`BODY`; lifespan events are acknowledged."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            kind = message["type"].removeprefix("lifespan.")
-            await send({"type": f"lifespan.{kind}.complete"})
-            if kind == "shutdown":
-                return
+        await lifespan(receive, send)
+        return
     more = True
     while more:
         message = await receive()

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from benchmarks.http_floor import lifespan
 from normport.runtime.serve.server import BackgroundServer
 from normport.runtime.serve.writes import JOIN_MAX_BYTES, CoalescingTransport
 
@@ -81,12 +82,8 @@ def test_a_large_body_is_not_copied_and_a_close_sends_a_held_head() -> None:
 async def _app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
     """``/echo``: the request body back; ``/fail``: a started response, then an error."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            kind = message["type"].removeprefix("lifespan.")
-            await send({"type": f"lifespan.{kind}.complete"})
-            if kind == "shutdown":
-                return
+        await lifespan(receive, send)
+        return
     body, more = b"", True
     while more:
         message = await receive()
