@@ -151,7 +151,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._disarm()
         super().on_headers_complete()
         cycle = self.cycle  # this request's (not after an upgrade: that keeps the old one)
-        if cycle is not None and cycle.transport is self.transport:
+        # HEAD: uvicorn writes no body, so a held head would never go out
+        fresh = cycle is not None and cycle.transport is self.transport
+        if fresh and cycle.scope["method"] != "HEAD":
             cycle.transport = CoalescingTransport(self.transport, cycle)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:

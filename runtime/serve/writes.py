@@ -14,7 +14,8 @@ the next write, the body's first bytes, in one ``write``.  A body over
 :data:`JOIN_MAX_BYTES` is not copied: the head goes out first, then the body, as before.
 Anything written before the response starts (``100 Continue``) passes at once, and a close
 sends a held head first, so the bytes on the wire are the same as without it, in fewer
-segments.
+segments.  A HEAD request's cycle is left as it is: uvicorn writes no body for it, so its head
+would wait for a write that never comes.
 """
 
 from __future__ import annotations

@@ -148,3 +148,11 @@ def test_a_response_that_fails_after_its_start_still_sends_its_head(
         sock.sendall(b"POST /fail HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab")
         got = _read_until_closed_or(sock, b"never")
     assert got.startswith(b"HTTP/1.1 200 OK\r\n") and b"x-kind: echo" in got
+
+
+def test_a_head_request_gets_its_head(echo: BackgroundServer) -> None:
+    """uvicorn writes no body for HEAD: the head alone must go out, not wait for a body."""
+    with socket.create_connection((echo.host, echo.port)) as sock:
+        sock.sendall(b"HEAD /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        got = _read_until_closed_or(sock, b"\r\n\r\n", timeout=5.0)
+    assert got.startswith(b"HTTP/1.1 200 OK\r\n") and got.endswith(b"\r\n\r\n"), got
