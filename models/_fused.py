@@ -39,12 +39,11 @@ Why it is the same computation (ATen's ``layer_norm_kernel.cpp``, ``group_norm_k
   4e-5 at 3.25, by 0.1 at 1e4).  So the folded output is kept only where every group has
   :math:`|\\mu| r \\le` :data:`FOLD_MAX_MEAN_RSTD` (= 4: at most :math:`20 u |\\gamma|` extra,
   ``tests/test_fast_paths.py`` checks the bound) and none has (near) zero variance; activations
-  are rarely offset by more than a few standard deviations.  Traced code (``torch.compile``,
-  ``torch.export``, TorchScript, FX) has no data-dependent choice: it always takes the exact
-  form.  Otherwise the kernel runs again
+  are rarely offset by more than a few standard deviations.  Otherwise the kernel runs again
   *without* affine, which computes :math:`(x - \\mu) r`, and the affine follows as in
   :func:`standardize` (two more passes: 1.3x torch.nn in eval, why the folded form is kept
-  where it is this close).
+  where it is this close).  Traced code (``torch.compile``, ``torch.export``, TorchScript,
+  FX, fake / proxy tensors) makes no data-dependent choice: it always takes the exact form.
 * BatchNorm's eval kernel is :func:`models._functional.affine_from_stats`'s formula,
   :math:`x s + t` with :math:`s = \\gamma / \\sqrt{\\sigma^2 + \\epsilon}`,
   :math:`t = \\beta - \\mu s`, in one pass instead of two.
